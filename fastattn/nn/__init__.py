@@ -1,0 +1,5 @@
+"""Drop-in modules built on fastattn ops."""
+
+from .softmax import Softmax
+
+__all__ = ["Softmax"]

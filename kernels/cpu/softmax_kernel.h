@@ -1,0 +1,215 @@
+// CPU softmax kernels, compiled once per ISA (see fastattn/cpu_isa.h). Rows are independent:
+// at::parallel_for splits them across threads; within a row at::vec vectors do the math in
+// float32 whatever the storage type.
+//
+// forward, per row of N (causal keeps the first `len` columns, the rest are 0):
+//   pass 1  z = scale * x + mask  (masked -> -inf), kept in a float32 row buffer; running max
+//   pass 2  e = exp(z - max) in place; running sum
+//   pass 3  out = e / sum (0 where masked; a fully masked row is all 0)
+// backward, per row:  dx = scale * y * (dy - sum(dy * y))
+#pragma once
+#ifndef FASTATTN_ISA
+#error "include an isa_<name>.h first"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "fastattn/softmax_geometry.h"
+#include "softmax_cpu.h"
+
+namespace fastattn::cpu::FASTATTN_ISA {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kV = Vec::size();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline Vec load_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_f32(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, kV);
+  }
+}
+
+// Applies the mask to kV logits starting at column j.
+template <typename M>
+inline Vec apply_mask(Vec z, const M* mask, int64_t j) {
+  if constexpr (std::is_same_v<M, bool>) {
+    alignas(64) float keep[kV];
+    for (int k = 0; k < kV; ++k) keep[k] = mask[j + k] ? 1.f : 0.f;
+    return Vec::blendv(Vec(kNegInf), z, Vec::loadu(keep) != Vec(0.f));
+  } else if constexpr (std::is_same_v<M, std::nullptr_t>) {
+    return z;
+  } else {
+    return z + load_f32(mask + j);
+  }
+}
+
+template <typename M>
+inline float apply_mask_scalar(float z, const M* mask, int64_t j) {
+  if constexpr (std::is_same_v<M, bool>) {
+    return mask[j] ? z : kNegInf;
+  } else if constexpr (std::is_same_v<M, std::nullptr_t>) {
+    return z;
+  } else {
+    return z + static_cast<float>(mask[j]);
+  }
+}
+
+template <typename T, typename M>
+void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
+  const SoftmaxGeometry& g = a.geom;
+  const int64_t N = g.N;
+  // float rows are computed in the output itself; reduced types need a float32 row buffer.
+  std::unique_ptr<float[]> scratch;
+  if constexpr (!std::is_same_v<T, float>) scratch.reset(new float[N]);
+  const Vec vscale(a.scale);
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = static_cast<const T*>(a.x) + row * N;
+    T* out = static_cast<T*>(a.out) + row * N;
+    const M* mask = nullptr;
+    if constexpr (!std::is_same_v<M, std::nullptr_t>) {
+      mask = static_cast<const M*>(a.mask) + mask_row_offset(g, row);
+    }
+    float* buf;
+    if constexpr (std::is_same_v<T, float>) {
+      buf = out;
+    } else {
+      buf = scratch.get();
+    }
+    const int64_t len = causal_row_length(g, row, a.causal);
+
+    // pass 1: logits and their max
+    Vec vmax(kNegInf);
+    int64_t j = 0;
+    for (; j + kV <= len; j += kV) {
+      Vec z = apply_mask<M>(load_f32(x + j) * vscale, mask, j);
+      z.store(buf + j);
+      vmax = at::vec::maximum(vmax, z);
+    }
+    float mx = at::vec::vec_reduce_all<float>(
+        [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
+    for (; j < len; ++j) {
+      const float z = apply_mask_scalar<M>(static_cast<float>(x[j]) * a.scale, mask, j);
+      buf[j] = z;
+      mx = std::isnan(z) ? z : std::max(mx, z);
+    }
+    if (mx == kNegInf) {  // every column masked: define the row as 0
+      for (int64_t k = 0; k < N; ++k) out[k] = T(0);
+      continue;
+    }
+
+    // pass 2: exponentials and their sum
+    const Vec vmx(mx);
+    Vec vsum(0.f);
+    j = 0;
+    for (; j + kV <= len; j += kV) {
+      const Vec e = (Vec::loadu(buf + j) - vmx).exp_u20();
+      e.store(buf + j);
+      vsum = vsum + e;
+    }
+    float sum = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vsum);
+    for (; j < len; ++j) {
+      const float e = std::exp(buf[j] - mx);
+      buf[j] = e;
+      sum += e;
+    }
+
+    // pass 3: normalise; causally masked columns are 0
+    const float inv = 1.f / sum;
+    const Vec vinv(inv);
+    j = 0;
+    for (; j + kV <= len; j += kV) store_f32(out + j, Vec::loadu(buf + j) * vinv);
+    for (; j < len; ++j) out[j] = T(buf[j] * inv);
+    for (; j < N; ++j) out[j] = T(0);
+  }
+}
+
+template <typename T>
+void backward_rows(const SoftmaxBackwardArgs& a, int64_t begin, int64_t end) {
+  const int64_t N = a.N;
+  const Vec vscale(a.scale);
+  for (int64_t row = begin; row < end; ++row) {
+    const T* dy = static_cast<const T*>(a.grad_out) + row * N;
+    const T* y = static_cast<const T*>(a.out) + row * N;
+    T* dx = static_cast<T*>(a.grad_in) + row * N;
+    Vec vdot(0.f);
+    int64_t j = 0;
+    for (; j + kV <= N; j += kV) vdot = at::vec::fmadd(load_f32(dy + j), load_f32(y + j), vdot);
+    float dot = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vdot);
+    for (; j < N; ++j) dot += static_cast<float>(dy[j]) * static_cast<float>(y[j]);
+    const Vec vdot_b(dot);
+    j = 0;
+    for (; j + kV <= N; j += kV) {
+      store_f32(dx + j, vscale * load_f32(y + j) * (load_f32(dy + j) - vdot_b));
+    }
+    for (; j < N; ++j) {
+      dx[j] = T(a.scale * static_cast<float>(y[j]) * (static_cast<float>(dy[j]) - dot));
+    }
+  }
+}
+
+// Rows per task: about 32K elements, so small rows are batched and long rows split evenly.
+inline int64_t grain_rows(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
+
+template <typename T>
+void forward_typed(const SoftmaxForwardArgs& a) {
+  auto run = [&](auto mask_tag) {
+    using M = decltype(mask_tag);
+    at::parallel_for(0, a.geom.rows, grain_rows(a.geom.N),
+                     [&](int64_t b, int64_t e) { forward_rows<T, M>(a, b, e); });
+  };
+  switch (a.mask_kind) {
+    case MaskKind::None: return run(nullptr);
+    case MaskKind::Bool: return run(bool{});
+    case MaskKind::Same: return run(T{});
+    case MaskKind::Float: return run(float{});
+  }
+}
+
+}  // namespace
+
+void softmax_forward(const SoftmaxForwardArgs& a) {
+  switch (a.dtype) {
+    case DType::Float: return forward_typed<float>(a);
+    case DType::Half: return forward_typed<c10::Half>(a);
+    case DType::BFloat16: return forward_typed<c10::BFloat16>(a);
+  }
+}
+
+void softmax_backward(const SoftmaxBackwardArgs& a) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, a.rows, grain_rows(a.N),
+                     [&](int64_t b, int64_t e) { backward_rows<T>(a, b, e); });
+  };
+  switch (a.dtype) {
+    case DType::Float: return run(float{});
+    case DType::Half: return run(c10::Half{});
+    case DType::BFloat16: return run(c10::BFloat16{});
+  }
+}
+
+}  // namespace fastattn::cpu::FASTATTN_ISA

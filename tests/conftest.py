@@ -1,0 +1,47 @@
+"""Test setup. Runs before any fastattn module is imported:
+- without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (read when
+  @triton.jit decorates, so it must be set first);
+- FASTATTN_POISON_OUTPUTS=1 makes every kernel output start as NaN, so an element a kernel
+  forgets to write fails the comparison.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTATTN_POISON_OUTPUTS", "1")
+
+import fastattn  # noqa: E402
+
+
+def _triton_available() -> bool:
+    return fastattn.backends.triton_error() is None
+
+
+def backend_params():
+    """(backend, device) pairs to test: every backend that can run here, GPU ones marked."""
+    params = [pytest.param("cpu", "cpu", id="cpu")]
+    if _triton_available():
+        if HAS_GPU:
+            params.append(pytest.param("triton", "cuda", id="triton", marks=pytest.mark.gpu))
+        else:
+            params.append(pytest.param("triton", "cpu", id="triton-interp", marks=pytest.mark.triton))
+    params.append(pytest.param("cuda", "cuda", id="cuda", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")]))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test (but reproducible from the test id): fresh inputs per check."""
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

@@ -1,0 +1,48 @@
+"""The one tolerance table. A fast kernel passes when, against the float64 reference,
+
+    max |kernel - ref|  <=  RATIO * max |torch - ref|  +  FLOOR[dtype] * max(1, max |ref|)
+
+where `torch` is what PyTorch itself computes for the same math in the same dtype. The floor
+absorbs cases where PyTorch happens to be exact (e.g. a single kept column, or tiny rows where
+its rounding happens to land on the reference): about one rounding step of the dtype at the
+magnitude of the result (probabilities are at most 1; gradients can be larger).
+"""
+
+import torch
+
+RATIO = 2.0
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 2.0**-23,  # 1.2e-7: 1 ulp at 1.0
+    torch.float16: 2.0**-12,  # 2.4e-4: half an ulp at 1.0
+    torch.bfloat16: 2.0**-9,  # 2.0e-3: half an ulp at 1.0
+}
+# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) converts float32 to bfloat16 by
+# truncation, not round-to-nearest (seen with Triton 3.8: half of all values differ by one
+# ulp), so interpreted bf16 outputs get a floor of one full ulp at 1.0. GPU runs use FLOOR.
+INTERPRETED_BF16_FLOOR = 2.0**-8
+
+
+def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| in float64; NaN anywhere in out counts as infinite error."""
+    diff = (out.double() - ref.double()).abs()
+    return float("inf") if torch.isnan(out).any() else (diff.max().item() if diff.numel() else 0.0)
+
+
+def assert_within_torch_error(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor,
+                              what: str, *, dtype: torch.dtype | None = None,
+                              interpreted: bool = False) -> None:
+    """out and torch_out: same dtype; ref: float64 reference. torch_out may hold NaN where torch
+    itself breaks down (fully masked rows); those elements are compared against ref as 0.
+    dtype: the precision the computation ran in (default out.dtype; e.g. the gradient of a
+    float32 mask added to bfloat16 scores is only bfloat16-accurate). interpreted: out came
+    from the Triton interpreter."""
+    dtype = dtype or out.dtype
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = max_abs_err(out, ref)
+    torch_err = max_abs_err(torch.nan_to_num(torch_out, nan=0.0), ref)
+    base = INTERPRETED_BF16_FLOOR if interpreted and dtype == torch.bfloat16 else FLOOR[dtype]
+    floor = base * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    bound = RATIO * torch_err + floor
+    assert err <= bound, (f"{what}: max error {err:.3g} > bound {bound:.3g} "
+                          f"({RATIO}x PyTorch's {torch_err:.3g} + {floor:.3g}), dtype {dtype}")
