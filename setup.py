@@ -75,13 +75,19 @@ def _extension():
     cuda_sources = sorted(glob.glob("kernels/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
     cxx = ["-O3", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP in torch's Linux builds; without -fopenmp its pragmas are
+        # ignored and kernels run on one thread. libgomp resolves to the copy torch loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     with_cuda = _want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     if _want_cuda and not with_cuda:
         why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found"
         print(f"fastattn: building without CUDA kernels ({why})", file=sys.stderr)
     if not with_cuda:
         return CppExtension("fastattn._C", cpu_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags()
     if _flag("FASTATTN_PTXAS_VERBOSE"):
         nvcc.append("-Xptxas=-v")
@@ -89,7 +95,7 @@ def _extension():
           file=sys.stderr)
     return CUDAExtension("fastattn._C", cpu_sources + cuda_sources,
                          include_dirs=include_dirs + _nvidia_include_dirs(),
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

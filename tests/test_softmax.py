@@ -140,3 +140,14 @@ def test_module():
     x = torch.randn(2, 6, 6)
     torch.testing.assert_close(m(x), fastattn.reference.softmax(x, scale=0.5, causal=True))
     assert "causal=True" in repr(m)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_nan_input_gives_nan_row(backend, device):
+    """NaN propagates to its whole row, as in torch.softmax; other rows are untouched."""
+    for n in (5, 300, 9000):
+        x = torch.randn(3, n, device=device)
+        x[1, n // 2] = float("nan")
+        out = fastattn.softmax(x, backend=backend)
+        assert torch.isnan(out[1]).all()
+        assert not torch.isnan(out[0]).any() and not torch.isnan(out[2]).any()

@@ -53,13 +53,27 @@ inline void store_f32(T* p, const Vec& v) {
   }
 }
 
+// z where the kV bools at p are true, -inf elsewhere.
+inline Vec keep_where(Vec z, const bool* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_mask_blend_ps(_mm_test_epi8_mask(bytes, bytes), _mm512_set1_ps(kNegInf), z);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(wide, _mm256_setzero_si256()));
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), z, keep);
+#else
+  alignas(64) float keep[kV];
+  for (int k = 0; k < kV; ++k) keep[k] = p[k] ? 1.f : 0.f;
+  return Vec::blendv(Vec(kNegInf), z, Vec::loadu(keep) != Vec(0.f));
+#endif
+}
+
 // Applies the mask to kV logits starting at column j.
 template <typename M>
 inline Vec apply_mask(Vec z, const M* mask, int64_t j) {
   if constexpr (std::is_same_v<M, bool>) {
-    alignas(64) float keep[kV];
-    for (int k = 0; k < kV; ++k) keep[k] = mask[j + k] ? 1.f : 0.f;
-    return Vec::blendv(Vec(kNegInf), z, Vec::loadu(keep) != Vec(0.f));
+    return keep_where(z, mask + j);
   } else if constexpr (std::is_same_v<M, std::nullptr_t>) {
     return z;
   } else {

@@ -1,11 +1,14 @@
 // fastattn::softmax / softmax_backward for CUDA tensors.
 //
-// One thread block per row (grid-strided over rows), float32 math for every storage type.
-//  * rows of N <= 16384: the row lives in registers (ITEMS values per thread, 4 or 16), so x is
-//    read once and out written once: 2 * N * sizeof(T) bytes (+ the mask) per row;
-//  * longer rows: an online softmax (running max and rescaled sum in one read), then a second
-//    read that writes the output: 3 * N * sizeof(T) bytes per row.
-// Column c of a row is handled by thread c % blockDim.x, so a warp's loads are contiguous.
+// float32 math for every storage type. Column c of a row belongs to thread (c / VEC) % lanes,
+// so a warp's loads are contiguous; VEC = 16 bytes / sizeof(T) when the row starts and N allow
+// 16-byte accesses, else 1. Paths by row length N (E = 8 or 16 values per thread):
+//  * N <= 256: one warp per row, 4 rows per block, warp-shuffle reductions only;
+//  * N <= 16384: one block per row, the row held in registers: x read once, out written once,
+//    2 * N * sizeof(T) bytes per row (+ the mask);
+//  * longer rows: online softmax (running max and rescaled sum in one read), then a second
+//    read that writes: 3 * N * sizeof(T) bytes per row.
+// The backward kernels follow the same split (registers up to 16384 columns, else two reads).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -26,15 +30,22 @@ namespace fastattn::cuda {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-constexpr int64_t kMaxRegisterRow = 16 * kMaxThreads;  // longest row kept in registers
+constexpr int kWarpRowsPerBlock = 4;
+constexpr int64_t kWarpRowMax = 32 * 8;               // rows this short: one warp each
+constexpr int64_t kRegisterRowMax = kMaxThreads * 16;  // rows this short: held in registers
 
 struct NoMask {};
 
-// Logit of column `col`: scale * x + mask, or -inf where masked. `mask` is the row's mask.
-template <typename T, typename M>
-__device__ __forceinline__ float logit(const T* __restrict__ x, const M* __restrict__ mask,
-                                       int64_t col, float scale) {
-  float z = static_cast<float>(x[col]) * scale;
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Logit of column `col` given its input value: scale * x + mask, or -inf where masked.
+template <typename M>
+__device__ __forceinline__ float logit(float xv, const M* __restrict__ mask, int64_t col,
+                                       float scale) {
+  float z = xv * scale;
   if constexpr (std::is_same_v<M, bool>) {
     z = mask[col] ? z : -INFINITY;
   } else if constexpr (!std::is_same_v<M, NoMask>) {
@@ -52,45 +63,85 @@ __device__ __forceinline__ const M* row_mask(const void* mask, const SoftmaxGeom
   }
 }
 
-template <typename T, typename M, int ITEMS>
+// Reduction over the threads that share a row: a warp, or the whole block.
+template <bool WARP_ROW, typename Op>
+__device__ __forceinline__ float row_reduce(float v, Op op, float identity, float* smem) {
+  if constexpr (WARP_ROW) {
+    return warp_reduce(v, op);
+  } else {
+    return block_reduce(v, op, identity, smem);
+  }
+}
+
+// Which rows this thread's group walks, and the group's size and this thread's rank in it.
+template <bool WARP_ROW>
+struct RowWalk {
+  int64_t first, step;
+  int lanes, rank;
+  __device__ RowWalk() {
+    if constexpr (WARP_ROW) {
+      const int per_block = blockDim.x / 32;
+      first = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / 32;
+      step = static_cast<int64_t>(gridDim.x) * per_block;
+      lanes = 32;
+      rank = threadIdx.x & 31;
+    } else {
+      first = blockIdx.x;
+      step = gridDim.x;
+      lanes = blockDim.x;
+      rank = threadIdx.x;
+    }
+  }
+};
+
+template <typename T, typename M, int VEC, int ITEMS, bool WARP_ROW>
 __global__ void softmax_fwd_registers(const T* __restrict__ x, const void* __restrict__ mask,
                                       T* __restrict__ out, SoftmaxGeometry g, float scale,
                                       bool causal) {
+  using P = Pack<T, VEC>;
   __shared__ float red[33];
-  for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
+  const RowWalk<WARP_ROW> w;
+  for (int64_t row = w.first; row < g.rows; row += w.step) {
     const T* xr = x + row * g.N;
     T* yr = out + row * g.N;
     const M* mr = row_mask<M>(mask, g, row);
     const int64_t len = causal_row_length(g, row, causal);
-    float z[ITEMS];
+    float z[ITEMS][VEC];
     float mx = -INFINITY;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-      z[i] = col < len ? logit<T, M>(xr, mr, col, scale) : -INFINITY;
-      mx = fmaxf(mx, z[i]);
-    }
-    mx = block_reduce(mx, MaxOp{}, -INFINITY, red);
-    if (mx == -INFINITY) {  // fully masked row: 0 (uniform across the block)
+      const int64_t col = (w.rank + static_cast<int64_t>(i) * w.lanes) * VEC;
+      P p;
+      if (col < len) p = *reinterpret_cast<const P*>(xr + col);  // col < N => col + VEC <= N
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int64_t col = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-        if (col < g.N) yr[col] = T(0.f);
+      for (int v = 0; v < VEC; ++v) {
+        z[i][v] = col + v < len ? logit<M>(static_cast<float>(p.v[v]), mr, col + v, scale) : -INFINITY;
+        mx = fmaxf(mx, z[i][v]);
       }
-      continue;
     }
+    mx = row_reduce<WARP_ROW>(mx, MaxOp{}, -INFINITY, red);
+    // A fully masked row (mx = -inf) is all 0: exp(-inf - 0) = 0 and inv below stays finite.
+    const float shift = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      z[i] = expf(z[i] - mx);  // exp(-inf) = 0 for masked and padding columns
-      sum += z[i];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        z[i][v] = expf(z[i][v] - shift);  // masked and padding columns: exp(-inf) = 0
+        sum += z[i][v];
+      }
     }
-    sum = block_reduce(sum, SumOp{}, 0.f, red);
-    const float inv = 1.f / sum;
+    sum = row_reduce<WARP_ROW>(sum, SumOp{}, 0.f, red);
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;  // NaN inputs stay NaN
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-      if (col < g.N) yr[col] = T(z[i] * inv);
+      const int64_t col = (w.rank + static_cast<int64_t>(i) * w.lanes) * VEC;
+      if (col < g.N) {
+        P o;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) o.v[v] = T(z[i][v] * inv);
+        *reinterpret_cast<P*>(yr + col) = o;
+      }
     }
   }
 }
@@ -106,10 +157,11 @@ __device__ __forceinline__ void online_update(float z, float& m, float& l) {
   }
 }
 
-template <typename T, typename M>
+template <typename T, typename M, int VEC>
 __global__ void softmax_fwd_online(const T* __restrict__ x, const void* __restrict__ mask,
                                    T* __restrict__ out, SoftmaxGeometry g, float scale,
                                    bool causal) {
+  using P = Pack<T, VEC>;
   __shared__ float red[33];
   for (int64_t row = blockIdx.x; row < g.rows; row += gridDim.x) {
     const T* xr = x + row * g.N;
@@ -117,131 +169,213 @@ __global__ void softmax_fwd_online(const T* __restrict__ x, const void* __restri
     const M* mr = row_mask<M>(mask, g, row);
     const int64_t len = causal_row_length(g, row, causal);
     float m = -INFINITY, l = 0.f;
-    for (int64_t col = threadIdx.x; col < len; col += blockDim.x) {
-      online_update(logit<T, M>(xr, mr, col, scale), m, l);
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < len; col += blockDim.x * VEC) {
+      const P p = *reinterpret_cast<const P*>(xr + col);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if (col + v < len) online_update(logit<M>(static_cast<float>(p.v[v]), mr, col + v, scale), m, l);
+      }
     }
     const float row_max = block_reduce(m, MaxOp{}, -INFINITY, red);
-    if (row_max == -INFINITY) {
-      for (int64_t col = threadIdx.x; col < g.N; col += blockDim.x) yr[col] = T(0.f);
-      continue;
-    }
-    l = m == -INFINITY ? 0.f : l * expf(m - row_max);
-    const float inv = 1.f / block_reduce(l, SumOp{}, 0.f, red);
-    for (int64_t col = threadIdx.x; col < g.N; col += blockDim.x) {
-      const float p = col < len ? expf(logit<T, M>(xr, mr, col, scale) - row_max) * inv : 0.f;
-      yr[col] = T(p);
+    const float shift = row_max == -INFINITY ? 0.f : row_max;
+    l = m == -INFINITY ? 0.f : l * expf(m - shift);
+    const float total = block_reduce(l, SumOp{}, 0.f, red);
+    const float inv = total == 0.f ? 0.f : 1.f / total;  // fully masked row: all 0
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < g.N; col += blockDim.x * VEC) {
+      P p;
+      if (col < len) p = *reinterpret_cast<const P*>(xr + col);
+      P o;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const float z = col + v < len ? logit<M>(static_cast<float>(p.v[v]), mr, col + v, scale) : -INFINITY;
+        o.v[v] = T(expf(z - shift) * inv);
+      }
+      *reinterpret_cast<P*>(yr + col) = o;
     }
   }
 }
 
-template <typename T, int ITEMS>
+template <typename T, int VEC, int ITEMS, bool WARP_ROW>
 __global__ void softmax_bwd_registers(const T* __restrict__ dy, const T* __restrict__ y,
                                       T* __restrict__ dx, int64_t rows, int64_t N, float scale) {
+  using P = Pack<T, VEC>;
   __shared__ float red[33];
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  const RowWalk<WARP_ROW> w;
+  for (int64_t row = w.first; row < rows; row += w.step) {
     const int64_t base = row * N;
-    float yv[ITEMS], gv[ITEMS];
+    float yv[ITEMS][VEC], gv[ITEMS][VEC];
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-      yv[i] = col < N ? static_cast<float>(y[base + col]) : 0.f;
-      gv[i] = col < N ? static_cast<float>(dy[base + col]) : 0.f;
-      dot += yv[i] * gv[i];
+      const int64_t col = (w.rank + static_cast<int64_t>(i) * w.lanes) * VEC;
+      P py, pg;
+      const bool in = col < N;
+      if (in) {
+        py = *reinterpret_cast<const P*>(y + base + col);
+        pg = *reinterpret_cast<const P*>(dy + base + col);
+      }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        yv[i][v] = in ? static_cast<float>(py.v[v]) : 0.f;
+        gv[i][v] = in ? static_cast<float>(pg.v[v]) : 0.f;
+        dot += yv[i][v] * gv[i][v];
+      }
     }
-    dot = block_reduce(dot, SumOp{}, 0.f, red);
+    dot = row_reduce<WARP_ROW>(dot, SumOp{}, 0.f, red);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t col = threadIdx.x + static_cast<int64_t>(i) * blockDim.x;
-      if (col < N) dx[base + col] = T(scale * yv[i] * (gv[i] - dot));
+      const int64_t col = (w.rank + static_cast<int64_t>(i) * w.lanes) * VEC;
+      if (col < N) {
+        P o;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) o.v[v] = T(scale * yv[i][v] * (gv[i][v] - dot));
+        *reinterpret_cast<P*>(dx + base + col) = o;
+      }
     }
   }
 }
 
-template <typename T>
+template <typename T, int VEC>
 __global__ void softmax_bwd_loop(const T* __restrict__ dy, const T* __restrict__ y,
                                  T* __restrict__ dx, int64_t rows, int64_t N, float scale) {
+  using P = Pack<T, VEC>;
   __shared__ float red[33];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * N;
     float dot = 0.f;
-    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
-      dot += static_cast<float>(y[base + col]) * static_cast<float>(dy[base + col]);
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < N; col += blockDim.x * VEC) {
+      const P py = *reinterpret_cast<const P*>(y + base + col);
+      const P pg = *reinterpret_cast<const P*>(dy + base + col);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) dot += static_cast<float>(py.v[v]) * static_cast<float>(pg.v[v]);
     }
     dot = block_reduce(dot, SumOp{}, 0.f, red);
-    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
-      const float yv = static_cast<float>(y[base + col]);
-      dx[base + col] = T(scale * yv * (static_cast<float>(dy[base + col]) - dot));
+    for (int64_t col = static_cast<int64_t>(threadIdx.x) * VEC; col < N; col += blockDim.x * VEC) {
+      const P py = *reinterpret_cast<const P*>(y + base + col);
+      const P pg = *reinterpret_cast<const P*>(dy + base + col);
+      P o;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        o.v[v] = T(scale * static_cast<float>(py.v[v]) * (static_cast<float>(pg.v[v]) - dot));
+      }
+      *reinterpret_cast<P*>(dx + base + col) = o;
     }
   }
 }
 
-// Launch shape for a row of N: the items per thread (4, 16, or 0 for the looping kernels)
-// and the threads per block (a multiple of 32, at most 1024).
-struct RowLaunch {
-  int items;
+// ---- launch selection ------------------------------------------------------------------------
+
+enum class Path { WarpRows, Block8, Block16, Loop };
+
+struct Launch {
+  Path path;
+  unsigned grid;
   int threads;
 };
 
-RowLaunch row_launch(int64_t N) {
+Launch choose_launch(int64_t rows, int64_t N) {
   auto round_warp = [](int64_t t) { return static_cast<int>(std::max<int64_t>(32, (t + 31) / 32 * 32)); };
-  if (N <= 4 * kMaxThreads) return {4, round_warp((N + 3) / 4)};
-  if (N <= kMaxRegisterRow) return {16, round_warp((N + 15) / 16)};
-  return {0, kMaxThreads};
+  auto grid = [](int64_t blocks) {
+    return static_cast<unsigned>(std::min<int64_t>(blocks, std::numeric_limits<int>::max()));
+  };
+  if (N <= kWarpRowMax) {
+    return {Path::WarpRows, grid((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock), 32 * kWarpRowsPerBlock};
+  }
+  if (N <= kMaxThreads * 8) return {Path::Block8, grid(rows), round_warp((N + 7) / 8)};
+  if (N <= kRegisterRowMax) return {Path::Block16, grid(rows), round_warp((N + 15) / 16)};
+  return {Path::Loop, grid(rows), kMaxThreads};
 }
 
-unsigned grid_for(int64_t rows) {
-  return static_cast<unsigned>(std::min<int64_t>(rows, std::numeric_limits<int>::max()));
+// 16-byte accesses when every row starts 16-byte aligned.
+template <typename T>
+bool can_vectorize(int64_t N, std::initializer_list<const void*> ptrs) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (N % kVec != 0) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+template <typename T, typename M, int VEC>
+void launch_forward(const T* x, const void* mask, T* y, const SoftmaxGeometry& g, float scale,
+                    bool causal, cudaStream_t stream) {
+  const Launch l = choose_launch(g.rows, g.N);
+  switch (l.path) {
+    case Path::WarpRows:
+      softmax_fwd_registers<T, M, VEC, 8 / VEC, true><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+      break;
+    case Path::Block8:
+      softmax_fwd_registers<T, M, VEC, 8 / VEC, false><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+      break;
+    case Path::Block16:
+      softmax_fwd_registers<T, M, VEC, 16 / VEC, false><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+      break;
+    case Path::Loop:
+      softmax_fwd_online<T, M, VEC><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename M>
-void launch_forward(const SoftmaxInputs& in, at::Tensor& out, float scale, bool causal,
+void forward_masked(const SoftmaxInputs& in, at::Tensor& out, float scale, bool causal,
                     cudaStream_t stream) {
-  const SoftmaxGeometry& g = in.geom;
   const T* x = static_cast<const T*>(in.x.data_ptr());
   const void* mask = in.mask.defined() ? in.mask.data_ptr() : nullptr;
   T* y = static_cast<T*>(out.data_ptr());
-  const RowLaunch l = row_launch(g.N);
-  const unsigned grid = grid_for(g.rows);
-  if (l.items == 4) {
-    softmax_fwd_registers<T, M, 4><<<grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
-  } else if (l.items == 16) {
-    softmax_fwd_registers<T, M, 16><<<grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+  if (can_vectorize<T>(in.geom.N, {x, y})) {
+    launch_forward<T, M, 16 / sizeof(T)>(x, mask, y, in.geom, scale, causal, stream);
   } else {
-    softmax_fwd_online<T, M><<<grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+    launch_forward<T, M, 1>(x, mask, y, in.geom, scale, causal, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void forward_typed(const SoftmaxInputs& in, at::Tensor& out, float scale, bool causal,
                    cudaStream_t stream) {
   switch (in.mask_kind) {
-    case MaskKind::None: return launch_forward<T, NoMask>(in, out, scale, causal, stream);
-    case MaskKind::Bool: return launch_forward<T, bool>(in, out, scale, causal, stream);
-    case MaskKind::Same: return launch_forward<T, T>(in, out, scale, causal, stream);
-    case MaskKind::Float: return launch_forward<T, float>(in, out, scale, causal, stream);
+    case MaskKind::None: return forward_masked<T, NoMask>(in, out, scale, causal, stream);
+    case MaskKind::Bool: return forward_masked<T, bool>(in, out, scale, causal, stream);
+    case MaskKind::Same: return forward_masked<T, T>(in, out, scale, causal, stream);
+    case MaskKind::Float: return forward_masked<T, float>(in, out, scale, causal, stream);
   }
 }
 
-template <typename T>
-void backward_typed(const at::Tensor& dy, const at::Tensor& y, at::Tensor& dx, float scale,
-                    cudaStream_t stream) {
-  const int64_t N = y.size(-1);
-  const int64_t rows = y.numel() / N;
-  const T* g = static_cast<const T*>(dy.data_ptr());
-  const T* p = static_cast<const T*>(y.data_ptr());
-  T* d = static_cast<T*>(dx.data_ptr());
-  const RowLaunch l = row_launch(N);
-  const unsigned grid = grid_for(rows);
-  if (l.items == 4) {
-    softmax_bwd_registers<T, 4><<<grid, l.threads, 0, stream>>>(g, p, d, rows, N, scale);
-  } else if (l.items == 16) {
-    softmax_bwd_registers<T, 16><<<grid, l.threads, 0, stream>>>(g, p, d, rows, N, scale);
-  } else {
-    softmax_bwd_loop<T><<<grid, l.threads, 0, stream>>>(g, p, d, rows, N, scale);
+template <typename T, int VEC>
+void launch_backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t N, float scale,
+                     cudaStream_t stream) {
+  const Launch l = choose_launch(rows, N);
+  switch (l.path) {
+    case Path::WarpRows:
+      softmax_bwd_registers<T, VEC, 8 / VEC, true><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
+      break;
+    case Path::Block8:
+      softmax_bwd_registers<T, VEC, 8 / VEC, false><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
+      break;
+    case Path::Block16:
+      softmax_bwd_registers<T, VEC, 16 / VEC, false><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
+      break;
+    case Path::Loop:
+      softmax_bwd_loop<T, VEC><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
+      break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void backward_typed(const at::Tensor& grad_out, const at::Tensor& out, at::Tensor& grad_in,
+                    float scale, cudaStream_t stream) {
+  const int64_t N = out.size(-1);
+  const int64_t rows = out.numel() / N;
+  const T* dy = static_cast<const T*>(grad_out.data_ptr());
+  const T* y = static_cast<const T*>(out.data_ptr());
+  T* dx = static_cast<T*>(grad_in.data_ptr());
+  if (can_vectorize<T>(N, {dy, y, dx})) {
+    launch_backward<T, 16 / sizeof(T)>(dy, y, dx, rows, N, scale, stream);
+  } else {
+    launch_backward<T, 1>(dy, y, dx, rows, N, scale, stream);
+  }
 }
 
 template <typename Fn>

@@ -56,7 +56,7 @@ def _softmax_fwd_tile(x_ptr, mask_ptr, out_ptr, n_rows, N, M, H, msb, msh, msm, 
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # fully masked rows -> all 0
     e = tl.exp(z - row_max[:, None])
     total = tl.sum(e, axis=1)
-    inv = 1.0 / tl.where(total > 0, total, 1.0)  # fully masked rows: e = 0, so out = 0
+    inv = 1.0 / tl.where(total == 0, 1.0, total)  # fully masked rows: e = 0, so out = 0
     out = e * inv[:, None]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty),
@@ -80,7 +80,7 @@ def _softmax_fwd_online(x_ptr, mask_ptr, out_ptr, n_rows, N, M, H, msb, msh, msm
     row_max = tl.max(run_max, axis=1)  # [1]
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     total = tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1)
-    inv = 1.0 / tl.where(total > 0, total, 1.0)  # fully masked rows: e = 0, so out = 0
+    inv = 1.0 / tl.where(total == 0, 1.0, total)  # fully masked rows: e = 0, so out = 0
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         z = _row_logits(x_ptr, mask_ptr, rows, cols, n_rows, N, M, H, msb, msh, msm, scale,
