@@ -19,8 +19,24 @@ def load_error() -> str | None:
     return None
 
 
+_has_kernel: dict[tuple[str, str], bool] = {}
+
+
 @torch.compiler.assume_constant_result  # fixed once _C is loaded; torch.compile folds it
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether fastattn::<op> has a kernel registered for `dispatch_key` ("CPU", "CUDA")."""
-    return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastattn::{op}", dispatch_key)
+    key = (op, dispatch_key)
+    if key not in _has_kernel:
+        _has_kernel[key] = load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"fastattn::{op}", dispatch_key)
+    return _has_kernel[key]
+
+
+def call_without_autograd(op, *args):
+    """op(*args) dispatched below the autograd layer. The autograd kernels that
+    torch.library.register_autograd installs run in Python (about 4 us a call); callers use this
+    when no input needs a gradient. Inside torch.compile the plain call is traced instead."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

@@ -92,7 +92,7 @@ def _triton_softmax():
 
 def _validate(x, dim, scale, mask, causal, dtype):
     """Checks the arguments; returns (x cast to dtype, dim in [0, x.dim()), scale as float)."""
-    if not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor):  # checks ordered cheapest first: this runs every call
         raise TypeError(f"fastattn.softmax: x must be a torch.Tensor, got {type(x).__name__}")
     if dtype is not None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -107,7 +107,8 @@ def _validate(x, dim, scale, mask, causal, dtype):
     dim %= nd
     if scale is None:
         scale = 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    elif type(scale) is not float and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)) \
+            or not math.isfinite(scale):
         raise TypeError(f"fastattn.softmax: scale must be a finite real number, got {scale!r}")
     if causal:
         if x.dim() < 2:
@@ -176,8 +177,11 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
         x = x.movedim(dim, -1)
         if mask is not None:
             mask = mask.expand(x.movedim(-1, dim).shape).movedim(dim, -1)
-    op = _triton_softmax() if choice.backend == "triton" else torch.ops.fastattn.softmax
-    out = op(x, mask, scale, causal)
+    op = _triton_softmax() if choice.backend == "triton" else torch.ops.fastattn.softmax.default
+    if torch.is_grad_enabled() and (x.requires_grad or (mask is not None and mask.requires_grad)):
+        out = op(x, mask, scale, causal)
+    else:
+        out = _library.call_without_autograd(op, x, mask, scale, causal)
     if squeeze:
         return out.reshape(())
     return out.movedim(-1, dim) if dim != last else out

@@ -1,0 +1,176 @@
+"""The `fastattn` command line: `fastattn bench ...` and `fastattn info`.
+
+    fastattn bench [--ops softmax ...] [--device cpu|cuda|auto] [--quick] [--threads N]
+                   [--out DIR] [--stem NAME] [--no-save]
+    fastattn info
+    python -m fastattn.cli bench --device cpu --quick --no-save
+
+Benchmarks live in the package fastattn.benchmarks (benchmarks/ in the repository, one
+bench_<op>.py per op, each with run(device, quick) -> list[Row]). Run from a checkout without
+installing (PYTHONPATH=<repo>), they are imported as the top-level package `benchmarks`.
+Nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import platform
+import sys
+import time
+from types import ModuleType
+
+
+def _benchmarks_package() -> ModuleType:
+    """fastattn.benchmarks when installed, else the repository's benchmarks/ package."""
+    try:
+        return importlib.import_module("fastattn.benchmarks")
+    except ModuleNotFoundError as e:
+        if e.name != "fastattn.benchmarks":
+            raise
+    try:
+        return importlib.import_module("benchmarks")
+    except ModuleNotFoundError:
+        raise SystemExit("fastattn bench: cannot find the benchmarks (neither the installed "
+                         "fastattn.benchmarks nor a benchmarks/ package on sys.path; run from "
+                         "the repository root with PYTHONPATH=.)") from None
+
+
+def _bench_ops(pkg: ModuleType) -> list[str]:
+    """Ops with a bench_<op> module in the benchmarks package."""
+    names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
+    return sorted(n.removeprefix("bench_") for n in names if n.startswith("bench_"))
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v for item in values for v in item.split(",") if v]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run each op's benchmark, print the table, save <stem>.json / <stem>.md."""
+    import torch
+
+    pkg = _benchmarks_package()
+    common = importlib.import_module(pkg.__name__ + ".common")
+    known = _bench_ops(pkg)
+    ops = _split(args.ops) if args.ops else known
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        print(f"fastattn bench: no benchmark for {unknown}; known ops: {known}", file=sys.stderr)
+        return 2
+    device = common.resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fastattn bench: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.threads:
+        common.set_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load >= 0.5:
+        print(f"note: 1-min load average is {load:.2f}: other work on this machine skews CPU "
+              "timings (a multi-threaded op waits for its slowest thread); it is recorded in "
+              "the report", file=sys.stderr)
+
+    start = time.perf_counter()
+    meta = common.collect_meta(device)  # measures the copy bandwidth
+    th = meta["threads"]
+    print(f"fastattn bench: {', '.join(ops)} on {meta['hardware']} ({device}), "
+          f"{th['num_threads']} threads, commit {meta['commit']}, "
+          f"copy bandwidth {meta['copy_bandwidth_gbs']:.1f} GB/s"
+          + (" [quick]" if args.quick else ""), flush=True)
+    rows = []
+    for op in ops:
+        mod = importlib.import_module(f"{pkg.__name__}.bench_{op}")
+        rows += mod.run(device=device, quick=args.quick)
+    elapsed = time.perf_counter() - start
+    meta["elapsed_s"] = round(elapsed, 1)
+    meta["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    meta["quick"] = args.quick
+    common.print_table(rows)
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s")
+    if not args.no_save:
+        for path in common.write_results(rows, meta, args.out, args.stem):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions, CPU capability, CUDA availability and the usable backends."""
+    import torch
+
+    import fastattn
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    from fastattn import _library
+
+    print(f"fastattn {fastattn.__version__}  torch {torch.__version__} (CUDA "
+          f"{torch.version.cuda})  triton {triton_version}  python {platform.python_version()}")
+    print(f"fastattn._C: {_library.load_error() or 'loaded'}")
+    print(f"CPU: {_cpu_model()}; capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"{torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        print(f"CUDA: available, {len(names)} device(s): {', '.join(names)}")
+    else:
+        print("CUDA: not available")
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    for dev in devices:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            names = fastattn.available_backends("softmax", dev, dtype)
+            print(f"softmax backends on {dev} {str(dtype).removeprefix('torch.')}: "
+                  f"{', '.join(names)}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `fastattn` command."""
+    parser = argparse.ArgumentParser(prog="fastattn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+
+    bench = sub.add_parser("bench", help="benchmark ops against PyTorch baselines")
+    bench.add_argument("--ops", nargs="+", metavar="OP",
+                       help="ops to benchmark, space or comma separated (default: all)")
+    bench.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"],
+                       help="auto = cuda when a GPU is visible, else cpu (default)")
+    bench.add_argument("--quick", action="store_true", help="a small subset of the cases")
+    bench.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N)")
+    bench.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                       help="where results go (default: benchmarks/results)")
+    bench.add_argument("--stem", metavar="NAME",
+                       help="result file name stem (default: <device-slug>-<YYYY-MM-DD>)")
+    bench.add_argument("--no-save", action="store_true", help="print only; write no files")
+    bench.set_defaults(func=cmd_bench)
+
+    info = sub.add_parser("info", help="versions, CPU/GPU capabilities, available backends")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fastattn` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
