@@ -34,6 +34,8 @@ build/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 
 test: build/.built
 	$(PY) -m pytest tests
+	@echo "GPU kernel resources (compiled for sm_80/sm_90 without a GPU; full table: build/resources.md):"
+	@$(PY) tools/resource_report.py --build-log build/build.log --markdown build/resources.md | tail -n 4
 
 test-fast: build/.built
 	$(PY) -m pytest tests -m "not slow"

@@ -2,13 +2,13 @@
 //
 // float32 math for every storage type. Column c of a row belongs to thread (c / VEC) % lanes,
 // so a warp's loads are contiguous; VEC = 16 bytes / sizeof(T) when the row starts and N allow
-// 16-byte accesses, else 1. Paths by row length N (E = 8 or 16 values per thread):
+// 16-byte accesses, else 1. Paths by row length N:
 //  * N <= 256: one warp per row, 4 rows per block, warp-shuffle reductions only;
-//  * N <= 16384: one block per row, the row held in registers: x read once, out written once,
-//    2 * N * sizeof(T) bytes per row (+ the mask);
+//  * N <= 16384: one block per row (8 values a thread up to 8192, then 32), the row held in
+//    registers: x read once, out written once, 2 * N * sizeof(T) bytes per row (+ the mask);
 //  * longer rows: online softmax (running max and rescaled sum in one read), then a second
 //    read that writes: 3 * N * sizeof(T) bytes per row.
-// The backward kernels follow the same split (registers up to 16384 columns, else two reads).
+// The backward kernels hold y and dy in registers up to 8192 columns, else read them twice.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,10 +29,18 @@
 namespace fastattn::cuda {
 namespace {
 
-constexpr int kMaxThreads = 1024;
 constexpr int kWarpRowsPerBlock = 4;
-constexpr int64_t kWarpRowMax = 32 * 8;               // rows this short: one warp each
-constexpr int64_t kRegisterRowMax = kMaxThreads * 16;  // rows this short: held in registers
+constexpr int64_t kWarpRowMax = 32 * 8;   // rows this short: one warp each, 8 values a lane
+constexpr int64_t kBlock8RowMax = 1024 * 8;  // one block, up to 1024 threads x 8 values
+constexpr int64_t kRegisterRowMax = 512 * 32;  // one block, up to 512 threads x 32 values
+constexpr int kLoopThreads = 512;
+
+// Largest block a register kernel is launched with, given `values` per thread. It is the
+// kernel's __launch_bounds__, so ptxas budgets registers for it (65536 / threads: 64 at 1024,
+// 128 at 512); `make resources` checks that no kernel spills under that budget.
+constexpr int max_threads(bool warp_row, int values) {
+  return warp_row ? 32 * kWarpRowsPerBlock : (values <= 8 ? 1024 : 512);
+}
 
 struct NoMask {};
 
@@ -95,7 +103,7 @@ struct RowWalk {
 };
 
 template <typename T, typename M, int VEC, int ITEMS, bool WARP_ROW>
-__global__ void softmax_fwd_registers(const T* __restrict__ x, const void* __restrict__ mask,
+__global__ void __launch_bounds__(max_threads(WARP_ROW, VEC * ITEMS), 1) softmax_fwd_registers(const T* __restrict__ x, const void* __restrict__ mask,
                                       T* __restrict__ out, SoftmaxGeometry g, float scale,
                                       bool causal) {
   using P = Pack<T, VEC>;
@@ -158,7 +166,7 @@ __device__ __forceinline__ void online_update(float z, float& m, float& l) {
 }
 
 template <typename T, typename M, int VEC>
-__global__ void softmax_fwd_online(const T* __restrict__ x, const void* __restrict__ mask,
+__global__ void __launch_bounds__(kLoopThreads) softmax_fwd_online(const T* __restrict__ x, const void* __restrict__ mask,
                                    T* __restrict__ out, SoftmaxGeometry g, float scale,
                                    bool causal) {
   using P = Pack<T, VEC>;
@@ -196,7 +204,7 @@ __global__ void softmax_fwd_online(const T* __restrict__ x, const void* __restri
 }
 
 template <typename T, int VEC, int ITEMS, bool WARP_ROW>
-__global__ void softmax_bwd_registers(const T* __restrict__ dy, const T* __restrict__ y,
+__global__ void __launch_bounds__(max_threads(WARP_ROW, VEC * ITEMS)) softmax_bwd_registers(const T* __restrict__ dy, const T* __restrict__ y,
                                       T* __restrict__ dx, int64_t rows, int64_t N, float scale) {
   using P = Pack<T, VEC>;
   __shared__ float red[33];
@@ -236,7 +244,7 @@ __global__ void softmax_bwd_registers(const T* __restrict__ dy, const T* __restr
 }
 
 template <typename T, int VEC>
-__global__ void softmax_bwd_loop(const T* __restrict__ dy, const T* __restrict__ y,
+__global__ void __launch_bounds__(kLoopThreads) softmax_bwd_loop(const T* __restrict__ dy, const T* __restrict__ y,
                                  T* __restrict__ dx, int64_t rows, int64_t N, float scale) {
   using P = Pack<T, VEC>;
   __shared__ float red[33];
@@ -265,7 +273,7 @@ __global__ void softmax_bwd_loop(const T* __restrict__ dy, const T* __restrict__
 
 // ---- launch selection ------------------------------------------------------------------------
 
-enum class Path { WarpRows, Block8, Block16, Loop };
+enum class Path { WarpRows, Block8, Block32, Loop };
 
 struct Launch {
   Path path;
@@ -281,9 +289,9 @@ Launch choose_launch(int64_t rows, int64_t N) {
   if (N <= kWarpRowMax) {
     return {Path::WarpRows, grid((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock), 32 * kWarpRowsPerBlock};
   }
-  if (N <= kMaxThreads * 8) return {Path::Block8, grid(rows), round_warp((N + 7) / 8)};
-  if (N <= kRegisterRowMax) return {Path::Block16, grid(rows), round_warp((N + 15) / 16)};
-  return {Path::Loop, grid(rows), kMaxThreads};
+  if (N <= kBlock8RowMax) return {Path::Block8, grid(rows), round_warp((N + 7) / 8)};
+  if (N <= kRegisterRowMax) return {Path::Block32, grid(rows), round_warp((N + 31) / 32)};
+  return {Path::Loop, grid(rows), kLoopThreads};
 }
 
 // 16-byte accesses when every row starts 16-byte aligned.
@@ -300,7 +308,9 @@ bool can_vectorize(int64_t N, std::initializer_list<const void*> ptrs) {
 template <typename T, typename M, int VEC>
 void launch_forward(const T* x, const void* mask, T* y, const SoftmaxGeometry& g, float scale,
                     bool causal, cudaStream_t stream) {
-  const Launch l = choose_launch(g.rows, g.N);
+  Launch l = choose_launch(g.rows, g.N);
+  // 32 scalar (unaligned) loads a thread spill on sm_80: such rows take the online kernel.
+  if (VEC == 1 && l.path == Path::Block32) l = {Path::Loop, l.grid, kLoopThreads};
   switch (l.path) {
     case Path::WarpRows:
       softmax_fwd_registers<T, M, VEC, 8 / VEC, true><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
@@ -308,8 +318,10 @@ void launch_forward(const T* x, const void* mask, T* y, const SoftmaxGeometry& g
     case Path::Block8:
       softmax_fwd_registers<T, M, VEC, 8 / VEC, false><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
       break;
-    case Path::Block16:
-      softmax_fwd_registers<T, M, VEC, 16 / VEC, false><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+    case Path::Block32:
+      if constexpr (VEC > 1) {
+        softmax_fwd_registers<T, M, VEC, 32 / VEC, false><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
+      }
       break;
     case Path::Loop:
       softmax_fwd_online<T, M, VEC><<<l.grid, l.threads, 0, stream>>>(x, mask, y, g, scale, causal);
@@ -345,7 +357,10 @@ void forward_typed(const SoftmaxInputs& in, at::Tensor& out, float scale, bool c
 template <typename T, int VEC>
 void launch_backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t N, float scale,
                      cudaStream_t stream) {
-  const Launch l = choose_launch(rows, N);
+  // Holding both y and dy for rows past 8192 would need 64 values a thread: those rows take
+  // the two-read loop (3 reads + 1 write of a row instead of 2 + 1).
+  Launch l = choose_launch(rows, N);
+  if (l.path == Path::Block32) l = {Path::Loop, l.grid, kLoopThreads};
   switch (l.path) {
     case Path::WarpRows:
       softmax_bwd_registers<T, VEC, 8 / VEC, true><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
@@ -353,9 +368,7 @@ void launch_backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t N, fl
     case Path::Block8:
       softmax_bwd_registers<T, VEC, 8 / VEC, false><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
       break;
-    case Path::Block16:
-      softmax_bwd_registers<T, VEC, 16 / VEC, false><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
-      break;
+    case Path::Block32:  // not taken (see above)
     case Path::Loop:
       softmax_bwd_loop<T, VEC><<<l.grid, l.threads, 0, stream>>>(dy, y, dx, rows, N, scale);
       break;
