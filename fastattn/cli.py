@@ -66,14 +66,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         common.set_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if device.type == "cpu" and load >= 0.5:
-        print(f"note: 1-min load average is {load:.2f}: other work on this machine skews CPU "
-              "timings (a multi-threaded op waits for its slowest thread); it is recorded in "
-              "the report", file=sys.stderr)
 
     start = time.perf_counter()
     meta = common.collect_meta(device)  # measures the copy bandwidth
+    meta["command"] = "fastattn " + " ".join(args.argv)
+    _warn_if_contended(meta.get("contention_at_start"), "start")
     th = meta["threads"]
     print(f"fastattn bench: {', '.join(ops)} on {meta['hardware']} ({device}), "
           f"{th['num_threads']} threads, commit {meta['commit']}, "
@@ -86,6 +83,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     meta["elapsed_s"] = round(elapsed, 1)
     meta["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    if device.type == "cpu":
+        meta["contention_at_end"] = common.cpu_contention()
+        _warn_if_contended(meta["contention_at_end"], "end")
     meta["quick"] = args.quick
     common.print_table(rows)
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
@@ -93,6 +93,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for path in common.write_results(rows, meta, args.out, args.stem):
             print(f"wrote {path}")
     return 0
+
+
+def _warn_if_contended(probe: dict | None, when: str) -> None:
+    if probe and probe["contended"]:
+        print(f"WARNING: CPU contention at the {when} of the run: a {probe['threads']}-thread "
+              f"fill took {probe['fill_ms']} ms vs {probe['fill_ms_1_thread']} ms on 1 thread. "
+              "Another process is using the CPUs, so multi-threaded timings are stalled by "
+              "descheduled threads; rerun on an idle machine or with --threads 1 (recorded in "
+              "the report).", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -165,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastattn` console script; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
