@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -33,23 +34,30 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// Loads `count` (<= kV) values as float32 lanes; lanes past `count` are 0.
 template <typename T>
-inline Vec load_f32(const T* p) {
+inline Vec load_f32(const T* p, int64_t count = kV) {
   if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
+    return count == kV ? Vec::loadu(p) : Vec::loadu(p, count);
   } else {
     Vec v;
-    at::vec::load_to_float<T>(p, v);
-    return v;
+    if (count == kV) {
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+    alignas(64) float tmp[kV] = {};
+    for (int64_t k = 0; k < count; ++k) tmp[k] = static_cast<float>(p[k]);
+    return Vec::loadu(tmp);
   }
 }
 
+// Stores the first `count` (<= kV) lanes.
 template <typename T>
-inline void store_f32(T* p, const Vec& v) {
+inline void store_f32(T* p, const Vec& v, int64_t count = kV) {
   if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
+    v.store(p, count);
   } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kV);
+    at::vec::convert_from_float<T>(v, v).store(p, count);
   }
 }
 
@@ -69,29 +77,24 @@ inline Vec keep_where(Vec z, const bool* p) {
 #endif
 }
 
-// Applies the mask to kV logits starting at column j.
+// Applies the mask to the `count` (<= kV) logits from column j on.
 template <typename M>
-inline Vec apply_mask(Vec z, const M* mask, int64_t j) {
+inline Vec apply_mask(Vec z, const M* mask, int64_t j, int64_t count) {
   if constexpr (std::is_same_v<M, bool>) {
-    return keep_where(z, mask + j);
+    if (count == kV) return keep_where(z, mask + j);
+    alignas(16) bool tmp[kV] = {};
+    for (int64_t k = 0; k < count; ++k) tmp[k] = mask[j + k];
+    return keep_where(z, tmp);
   } else if constexpr (std::is_same_v<M, std::nullptr_t>) {
     return z;
   } else {
-    return z + load_f32(mask + j);
+    return z + load_f32(mask + j, count);
   }
 }
 
-template <typename M>
-inline float apply_mask_scalar(float z, const M* mask, int64_t j) {
-  if constexpr (std::is_same_v<M, bool>) {
-    return mask[j] ? z : kNegInf;
-  } else if constexpr (std::is_same_v<M, std::nullptr_t>) {
-    return z;
-  } else {
-    return z + static_cast<float>(mask[j]);
-  }
-}
-
+// Every pass walks a row in vectors of kV, the last one partial, so sums and maxima are
+// always lane-wise with one final tree reduction (a scalar tail loop would add up to kV - 1
+// terms one by one onto the reduced sum and lose accuracy).
 template <typename T, typename M>
 void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
   const SoftmaxGeometry& g = a.geom;
@@ -99,7 +102,7 @@ void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
   // float rows are computed in the output itself; reduced types need a float32 row buffer.
   std::unique_ptr<float[]> scratch;
   if constexpr (!std::is_same_v<T, float>) scratch.reset(new float[N]);
-  const Vec vscale(a.scale);
+  const Vec vscale(a.scale), ninf(kNegInf), zero(0.f);
   for (int64_t row = begin; row < end; ++row) {
     const T* x = static_cast<const T*>(a.x) + row * N;
     T* out = static_cast<T*>(a.out) + row * N;
@@ -117,19 +120,15 @@ void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
 
     // pass 1: logits and their max
     Vec vmax(kNegInf);
-    int64_t j = 0;
-    for (; j + kV <= len; j += kV) {
-      Vec z = apply_mask<M>(load_f32(x + j) * vscale, mask, j);
-      z.store(buf + j);
+    for (int64_t j = 0; j < len; j += kV) {
+      const int64_t n = std::min<int64_t>(kV, len - j);
+      Vec z = apply_mask<M>(load_f32(x + j, n) * vscale, mask, j, n);
+      if (n < kV) z = Vec::set(ninf, z, n);
+      z.store(buf + j, n);
       vmax = at::vec::maximum(vmax, z);
     }
-    float mx = at::vec::vec_reduce_all<float>(
+    const float mx = at::vec::vec_reduce_all<float>(
         [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-    for (; j < len; ++j) {
-      const float z = apply_mask_scalar<M>(static_cast<float>(x[j]) * a.scale, mask, j);
-      buf[j] = z;
-      mx = std::isnan(z) ? z : std::max(mx, z);
-    }
     if (mx == kNegInf) {  // every column masked: define the row as 0
       for (int64_t k = 0; k < N; ++k) out[k] = T(0);
       continue;
@@ -138,26 +137,22 @@ void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
     // pass 2: exponentials and their sum
     const Vec vmx(mx);
     Vec vsum(0.f);
-    j = 0;
-    for (; j + kV <= len; j += kV) {
-      const Vec e = (Vec::loadu(buf + j) - vmx).exp_u20();
-      e.store(buf + j);
+    for (int64_t j = 0; j < len; j += kV) {
+      const int64_t n = std::min<int64_t>(kV, len - j);
+      Vec e = (Vec::loadu(buf + j, n) - vmx).exp_u20();
+      if (n < kV) e = Vec::set(zero, e, n);
+      e.store(buf + j, n);
       vsum = vsum + e;
     }
-    float sum = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vsum);
-    for (; j < len; ++j) {
-      const float e = std::exp(buf[j] - mx);
-      buf[j] = e;
-      sum += e;
-    }
+    const float sum = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vsum);
 
     // pass 3: normalise; causally masked columns are 0
-    const float inv = 1.f / sum;
-    const Vec vinv(inv);
-    j = 0;
-    for (; j + kV <= len; j += kV) store_f32(out + j, Vec::loadu(buf + j) * vinv);
-    for (; j < len; ++j) out[j] = T(buf[j] * inv);
-    for (; j < N; ++j) out[j] = T(0);
+    const Vec vinv(1.f / sum);
+    for (int64_t j = 0; j < len; j += kV) {
+      const int64_t n = std::min<int64_t>(kV, len - j);
+      store_f32(out + j, Vec::loadu(buf + j, n) * vinv, n);
+    }
+    for (int64_t k = len; k < N; ++k) out[k] = T(0);
   }
 }
 
@@ -170,17 +165,14 @@ void backward_rows(const SoftmaxBackwardArgs& a, int64_t begin, int64_t end) {
     const T* y = static_cast<const T*>(a.out) + row * N;
     T* dx = static_cast<T*>(a.grad_in) + row * N;
     Vec vdot(0.f);
-    int64_t j = 0;
-    for (; j + kV <= N; j += kV) vdot = at::vec::fmadd(load_f32(dy + j), load_f32(y + j), vdot);
-    float dot = at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vdot);
-    for (; j < N; ++j) dot += static_cast<float>(dy[j]) * static_cast<float>(y[j]);
-    const Vec vdot_b(dot);
-    j = 0;
-    for (; j + kV <= N; j += kV) {
-      store_f32(dx + j, vscale * load_f32(y + j) * (load_f32(dy + j) - vdot_b));
+    for (int64_t j = 0; j < N; j += kV) {
+      const int64_t n = std::min<int64_t>(kV, N - j);
+      vdot = at::vec::fmadd(load_f32(dy + j, n), load_f32(y + j, n), vdot);
     }
-    for (; j < N; ++j) {
-      dx[j] = T(a.scale * static_cast<float>(y[j]) * (static_cast<float>(dy[j]) - dot));
+    const Vec dot(at::vec::vec_reduce_all<float>([](Vec& p, Vec& q) { return p + q; }, vdot));
+    for (int64_t j = 0; j < N; j += kV) {
+      const int64_t n = std::min<int64_t>(kV, N - j);
+      store_f32(dx + j, vscale * load_f32(y + j, n) * (load_f32(dy + j, n) - dot), n);
     }
   }
 }
