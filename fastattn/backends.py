@@ -107,10 +107,21 @@ def default_order(op: str, device: torch.device) -> tuple[str, ...]:
     return ("reference",)
 
 
+_default_choices: dict[tuple, Choice] = {}
+
+
 def choose(op: str, requested: str | None, device: torch.device,
-           unsupported: Callable[[str], str | None]) -> Choice:
-    """Pick the backend for one call. `unsupported(name)` says why a backend cannot serve it."""
-    if requested is None and _forced:
+           unsupported: Callable[[str], str | None], key: tuple = ()) -> Choice:
+    """Pick the backend for one call. `unsupported(name)` says why a backend cannot serve it;
+    `key` holds everything else `unsupported` depends on (dtypes), so the default choice,
+    which is fixed for a given device type and key, is computed once."""
+    if requested is None and not _forced:
+        cache_key = (op, device.type) + key
+        choice = _default_choices.get(cache_key)
+        if choice is None:
+            choice = _default_choices[cache_key] = _choose_default(op, device, unsupported)
+        return choice
+    if requested is None:
         requested, source = _forced[-1], "fastattn.use_backend"
     else:
         source = "backend="
@@ -120,6 +131,11 @@ def choose(op: str, requested: str | None, device: torch.device,
         if reason is not None:
             raise BackendError(f"fastattn.{op}: backend {requested!r} cannot run this call: {reason}")
         return Choice(requested, f"{source}{requested!r}")
+    return _choose_default(op, device, unsupported)
+
+
+def _choose_default(op: str, device: torch.device,
+                    unsupported: Callable[[str], str | None]) -> Choice:
     skipped = []
     for name in default_order(op, device):
         reason = unsupported(name)

@@ -126,7 +126,10 @@ def _validate(x, dim, scale, mask, causal, dtype):
         if mask.device != x.device:
             raise ValueError(f"fastattn.softmax: mask is on {mask.device} but x is on {x.device}")
         ms, xs = tuple(mask.shape), tuple(x.shape)
-        if len(ms) > len(xs) or any(m not in (1, s) for m, s in zip(reversed(ms), reversed(xs))):
+        ok = len(ms) <= len(xs)
+        for m, s in zip(ms, xs[len(xs) - len(ms):]):
+            ok = ok and (m == s or m == 1)
+        if not ok:
             raise ValueError(f"fastattn.softmax: mask with shape {ms} is not broadcastable to x's "
                              f"shape {xs}")
     return x, dim, float(scale)
@@ -142,7 +145,8 @@ def _plan(x, dim=-1, *, scale=None, mask=None, causal=False, dtype=None, backend
             reason = f"an additive mask must be float32 or {x.dtype}"
         return reason
 
-    return backends.choose("softmax", backend, x.device, unsupported), x, dim, scale
+    choice = backends.choose("softmax", backend, x.device, unsupported, (x.dtype, mask_dtype))
+    return choice, x, dim, scale
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
