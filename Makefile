@@ -26,7 +26,7 @@ build/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 	@echo "building fastattn (log: build/build.log)"
 	@FASTATTN_PTXAS_VERBOSE=1 $(PY) -m pip install -v --no-build-isolation --no-deps -e . \
 		> build/build.log 2>&1 || { tail -n 60 build/build.log; exit 1; }
-	@grep -E "^fastattn: building" build/build.log || true
+	@grep -m1 -oE "fastattn: building.*" build/build.log || true
 	@echo "ptxas compiled $$(grep -c "Compiling entry function" build/build.log) CUDA kernel variants"
 	@$(PY) -c "import torch, fastattn; print('fastattn._C kernels: CPU', \
 		fastattn._library.has_kernel('softmax', 'CPU'), '| CUDA', fastattn._library.has_kernel('softmax', 'CUDA'))"
