@@ -6,7 +6,8 @@ Choice, first match wins: the call's `backend=` argument, then the innermost
 `fastattn.use_backend(...)`, then the default order for the tensors' device. A backend
 named explicitly that cannot serve the call raises BackendError with the reason; the default
 order falls through to the next backend and records why, which `explain` shows and the
-"fastattn" logger reports at DEBUG level.
+"fastattn" logger reports at DEBUG level (once per op, device type and dtypes: choices are
+cached, since they depend on nothing else).
 """
 
 from __future__ import annotations
@@ -107,24 +108,27 @@ def default_order(op: str, device: torch.device) -> tuple[str, ...]:
     return ("reference",)
 
 
-_default_choices: dict[tuple, Choice] = {}
+_choices: dict[tuple, Choice] = {}
 
 
 def choose(op: str, requested: str | None, device: torch.device,
            unsupported: Callable[[str], str | None], key: tuple = ()) -> Choice:
     """Pick the backend for one call. `unsupported(name)` says why a backend cannot serve it;
-    `key` holds everything else `unsupported` depends on (dtypes), so the default choice,
-    which is fixed for a given device type and key, is computed once."""
-    if requested is None and not _forced:
-        cache_key = (op, device.type) + key
-        choice = _default_choices.get(cache_key)
-        if choice is None:
-            choice = _default_choices[cache_key] = _choose_default(op, device, unsupported)
-        return choice
-    if requested is None:
+    `key` holds everything else `unsupported` depends on (dtypes), so a choice, which is fixed
+    for a given device type, request and key, is made once (errors are raised every time)."""
+    if requested is None and _forced:
         requested, source = _forced[-1], "fastattn.use_backend"
     else:
         source = "backend="
+    cache_key = (op, device.type, requested, source) + key
+    choice = _choices.get(cache_key)
+    if choice is None:
+        choice = _choices[cache_key] = _decide(op, requested, source, device, unsupported)
+    return choice
+
+
+def _decide(op: str, requested: str | None, source: str, device: torch.device,
+            unsupported: Callable[[str], str | None]) -> Choice:
     if requested is not None:
         _check_name(requested, op)
         reason = unsupported(requested)
