@@ -3,8 +3,8 @@
 // float32 whatever the storage type.
 //
 // forward, per row of N (causal keeps the first `len` columns, the rest are 0):
-//   pass 1  z = scale * x + mask  (masked -> -inf), kept in a float32 row buffer; running max
-//   pass 2  e = exp(z - max) in place; running sum
+//   pass 1  max of z = scale * x + mask  (masked -> -inf); reduced types store z (float32)
+//   pass 2  e = exp(z - max) (float rows recompute z) into the float32 row buffer; sum
 //   pass 3  out = e / sum (0 where masked; a fully masked row is all 0)
 // backward, per row:  dx = scale * y * (dy - sum(dy * y))
 #pragma once
@@ -118,13 +118,21 @@ void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
     }
     const int64_t len = causal_row_length(g, row, a.causal);
 
-    // pass 1: logits and their max
+    // The logits of columns [j, j + n): scale * x + mask, -inf where masked or past n.
+    auto logits = [&](int64_t j, int64_t n) {
+      Vec z = apply_mask<M>(load_f32(x + j, n) * vscale, mask, j, n);
+      return n < kV ? Vec::set(ninf, z, n) : z;
+    };
+
+    // pass 1: the max. float rows recompute the logits in pass 2 (saves a store of every
+    // element: 2.9 ms instead of 3.5 ms on (1024, 4097), 1 thread); reduced types keep them
+    // in the float32 buffer (converting and masking twice cost more than the store).
+    constexpr bool kRecompute = std::is_same_v<T, float>;
     Vec vmax(kNegInf);
     for (int64_t j = 0; j < len; j += kV) {
       const int64_t n = std::min<int64_t>(kV, len - j);
-      Vec z = apply_mask<M>(load_f32(x + j, n) * vscale, mask, j, n);
-      if (n < kV) z = Vec::set(ninf, z, n);
-      z.store(buf + j, n);
+      const Vec z = logits(j, n);
+      if constexpr (!kRecompute) z.store(buf + j, n);
       vmax = at::vec::maximum(vmax, z);
     }
     const float mx = at::vec::vec_reduce_all<float>(
@@ -134,12 +142,13 @@ void forward_rows(const SoftmaxForwardArgs& a, int64_t begin, int64_t end) {
       continue;
     }
 
-    // pass 2: exponentials and their sum
+    // pass 2: exponentials into the row buffer and their sum
     const Vec vmx(mx);
     Vec vsum(0.f);
     for (int64_t j = 0; j < len; j += kV) {
       const int64_t n = std::min<int64_t>(kV, len - j);
-      Vec e = (Vec::loadu(buf + j, n) - vmx).exp_u20();
+      const Vec z = kRecompute ? logits(j, n) : Vec::loadu(buf + j, n);
+      Vec e = (z - vmx).exp_u20();
       if (n < kV) e = Vec::set(zero, e, n);
       e.store(buf + j, n);
       vsum = vsum + e;
