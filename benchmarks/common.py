@@ -13,6 +13,7 @@ Conventions:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -165,6 +166,24 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, device: str | torc
             if name not in best or t["median_ms"] < best[name]["median_ms"]:
                 best[name] = t
     return best
+
+
+def steady_cpu_allocator() -> str:
+    """Keep large CPU allocations in the heap between calls, and say so for the report.
+
+    glibc serves big blocks with fresh mmap pages (above a threshold that moves with what was
+    freed before) and trims freed heap tops, so an op that allocates a multi-MiB output can pay
+    a page fault per 4 KiB on every call, more or less depending on what ran before it (seen
+    here: torch.softmax on (64, 65536) fp32 took 1.5 ms or 4.4 ms by position in the run).
+    Turning mmap and trimming off measures the kernels, as a caching allocator does on GPU."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "platform default (not glibc)"
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from malloc.h
+    if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1):
+        return "glibc: mmap and trimming off (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+    return "glibc defaults (mallopt refused)"
 
 
 def cpu_contention(numel: int = 1 << 22) -> dict:
@@ -373,6 +392,7 @@ def _markdown(rows: list[Row], meta: dict) -> str:
         f"- measured copy bandwidth (dst.copy_(src), read + write): "
         f"{meta['copy_bandwidth_gbs']:.1f} GB/s (the '% peak' column is relative to this)",
         f"- command: `{meta['command']}`" + (f"; environment: {meta['env']}" if get("env") else ""),
+    ] + ([f"- CPU allocator: {meta['cpu_allocator']}"] if get("cpu_allocator") else []) + [
         "", "Time: median per call (CPU: the lower of 2 interleaved passes). vs X: X's time / "
         "this time (> 1: faster than X). max err: max |out - float64 reference|. GB/s: minimal "
         "bytes moved / time (formulas: benchmarks/common.py); % peak > 100: the working set "

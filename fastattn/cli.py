@@ -67,8 +67,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         common.set_threads(args.threads)
 
+    allocator = common.steady_cpu_allocator() if device.type == "cpu" else None
     start = time.perf_counter()
     meta = common.collect_meta(device)  # measures the copy bandwidth
+    meta["cpu_allocator"] = allocator
     meta["command"] = "fastattn " + " ".join(args.argv)
     _warn_if_contended(meta.get("contention_at_start"), "start")
     th = meta["threads"]
