@@ -18,5 +18,6 @@ trap 'rm -f fastattn/_triton' EXIT
 python3 -m pytest tests -q -rs 2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 python3 -m fastattn.cli bench --device cuda 2>&1 | tee "$out/bench.log"
+bench_rc=${PIPESTATUS[0]}
 cp benchmarks/results/*"$(date +%F)"* "$out"/ 2>/dev/null || true
-exit "$tests_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
