@@ -122,7 +122,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"fastattn {fastattn.__version__}  torch {torch.__version__} (CUDA "
           f"{torch.version.cuda})  triton {triton_version}  python {platform.python_version()}")
     print(f"fastattn._C: {_library.load_error() or 'loaded'}")
-    print(f"CPU: {_cpu_model()}; capability {torch.backends.cpu.get_cpu_capability()}; "
+    common = importlib.import_module(_benchmarks_package().__name__ + ".common")
+    print(f"CPU: {common.cpu_model()}; capability {torch.backends.cpu.get_cpu_capability()}; "
           f"{torch.get_num_threads()} threads")
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -136,17 +137,6 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"softmax backends on {dev} {str(dtype).removeprefix('torch.')}: "
                   f"{', '.join(names)}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
