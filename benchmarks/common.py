@@ -329,6 +329,24 @@ def print_table(rows: list[Row]) -> None:
         print(format_table([r for r in rows if r.op == op]))
 
 
+def summarize(rows: list[Row]) -> list[str]:
+    """One line per (op, fastattn impl, baseline): the range and median of the speed ratios
+    over the cases that both ran, and in how many fastattn was at least as fast."""
+    lines = []
+    for op in dict.fromkeys(r.op for r in rows):
+        for impl in dict.fromkeys(r.impl for r in rows if r.op == op and r.ratios):
+            mine = [r for r in rows if r.op == op and r.impl == impl]
+            for base in dict.fromkeys(b for r in mine for b in r.ratios):
+                ratios = sorted(r.ratios[base] for r in mine if r.ratios.get(base))
+                if not ratios:
+                    continue
+                wins = sum(q >= 1 for q in ratios)
+                lines.append(f"{op}: {impl} vs {base}: {ratios[0]:.2f}x to {ratios[-1]:.2f}x "
+                             f"(median {statistics.median(ratios):.2f}x), at least as fast in "
+                             f"{wins} of {len(ratios)} cases")
+    return lines
+
+
 def git_commit(repo: str | Path | None = None) -> str:
     """`git rev-parse --short HEAD` of the checkout (+ "-dirty" when it has uncommitted
     changes); "unknown" outside a git checkout or before the first commit."""
@@ -398,6 +416,8 @@ def _markdown(rows: list[Row], meta: dict) -> str:
         "bytes moved / time (formulas: benchmarks/common.py); % peak > 100: the working set "
         "stayed in cache.",
     ]
+    lines += ["", "Summary (speed ratios, > 1: fastattn faster):", ""]
+    lines += [f"- {line}" for line in summarize(rows)]
     for op in dict.fromkeys(r.op for r in rows):
         lines += ["", f"## {op}", "", format_table([r for r in rows if r.op == op], markdown=True)]
     return "\n".join(lines) + "\n"

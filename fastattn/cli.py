@@ -90,6 +90,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _warn_if_contended(meta["contention_at_end"], "end")
     meta["quick"] = args.quick
     common.print_table(rows)
+    print()
+    for line in common.summarize(rows):
+        print(line)
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
     if not args.no_save:
         for path in common.write_results(rows, meta, args.out, args.stem):
