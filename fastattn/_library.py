@@ -22,9 +22,10 @@ def load_error() -> str | None:
 _has_kernel: dict[tuple[str, str], bool] = {}
 
 
-@torch.compiler.assume_constant_result  # fixed once _C is loaded; torch.compile folds it
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether fastattn::<op> has a kernel registered for `dispatch_key` ("CPU", "CUDA")."""
+    """Whether fastattn::<op> has a kernel registered for `dispatch_key` ("CPU", "CUDA").
+    Op modules call it for their keys at import, so inside torch.compile it is a lookup in a
+    filled dict (the registry query itself would break the graph)."""
     key = (op, dispatch_key)
     if key not in _has_kernel:
         _has_kernel[key] = load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -147,7 +147,7 @@ def _choose_default(op: str, device: torch.device,
             why = f"default for {device.type} tensors"
             if skipped:
                 why += " after skipping " + "; ".join(skipped)
-                if _log.isEnabledFor(logging.DEBUG):
+                if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
                     _log.debug("fastattn.%s: backend %r (%s)", op, name, why)
             return Choice(name, why)
         skipped.append(f"{name}: {reason}")

@@ -96,6 +96,17 @@ def test_compile_fullgraph_cpu():
     torch.testing.assert_close(g, ge)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_compile_makes_the_backend_choice(dtype, monkeypatch):
+    """The first call of a shape of call may happen inside torch.compile, including a
+    fallback (float64 -> reference): the choice must trace without a graph break."""
+    monkeypatch.setattr(fastattn.backends, "_choices", {})
+    compiled = torch.compile(lambda t: fastattn.softmax(t, scale=0.5, causal=True), fullgraph=True)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    torch.testing.assert_close(compiled(x), fastattn.reference.softmax(x, scale=0.5, causal=True))
+
+
 def test_backend_choice_and_explain():
     x = torch.randn(4, 8)
     assert fastattn.explain("softmax", x) == "softmax: backend 'cpu' (default for cpu tensors)"

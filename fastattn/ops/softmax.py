@@ -65,6 +65,8 @@ def _autograd_for(backward_op):
     return backward
 
 
+for _key in ("CPU", "CUDA"):
+    _library.has_kernel("softmax", _key)
 if _library.load_error() is None:
     torch.library.register_fake("fastattn::softmax")(_fake_softmax)
     torch.library.register_fake("fastattn::softmax_backward")(_fake_softmax_backward)
