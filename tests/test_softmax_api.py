@@ -149,3 +149,17 @@ def test_cpu_kernel_isa_fallbacks(isa):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(__file__), timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+def test_under_autocast():
+    """Under torch.autocast the scores arrive in bf16 while masks are often float32: the op
+    takes both, computes in float32 and returns the scores' dtype (no cast rule is needed)."""
+    q, k = torch.randn(2, 4, 16, 32), torch.randn(2, 4, 16, 32)
+    bias = torch.zeros(2, 1, 1, 16).masked_fill(torch.rand(2, 1, 1, 16) < 0.2, float("-inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = q @ k.transpose(-1, -2)
+        assert scores.dtype == torch.bfloat16
+        p = fastattn.softmax(scores, scale=32**-0.5, mask=bias, causal=True)
+    assert p.dtype == torch.bfloat16
+    ref = fastattn.reference.softmax(scores.double(), scale=32**-0.5, mask=bias.double(), causal=True)
+    assert (p.double() - ref).abs().max().item() <= 2.0**-7
