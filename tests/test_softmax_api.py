@@ -163,3 +163,26 @@ def test_under_autocast():
     assert p.dtype == torch.bfloat16
     ref = fastattn.reference.softmax(scores.double(), scale=32**-0.5, mask=bias.double(), causal=True)
     assert (p.double() - ref).abs().max().item() <= 2.0**-7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_opcheck_and_compile_gpu(backend, dtype):
+    """opcheck and compile fullgraph on the GPU operators (the Triton operator cannot be
+    opchecked in interpreter mode: its fake-tensor run touches data pointers)."""
+    if backend == "triton":
+        sys.modules["fastattn.ops.softmax"]._triton_softmax()  # defines the Triton operators
+        op = torch.ops.fastattn.softmax_triton.default
+        bwd = torch.ops.fastattn.softmax_backward_triton.default
+    else:
+        op, bwd = torch.ops.fastattn.softmax.default, torch.ops.fastattn.softmax_backward.default
+    x = torch.randn(2, 3, 5, 300, device="cuda", dtype=dtype, requires_grad=True)
+    keep = torch.rand(5, 300, device="cuda") < 0.8
+    torch.library.opcheck(op, (x, keep, 0.3, True))
+    y = torch.softmax(torch.randn(4, 300, device="cuda", dtype=dtype), -1)
+    torch.library.opcheck(bwd, (torch.randn_like(y), y, 0.3))
+    f = torch.compile(lambda t: fastattn.softmax(t, scale=0.3, mask=keep, causal=True,
+                                                 backend=backend), fullgraph=True)
+    torch.testing.assert_close(f(x), fastattn.softmax(x, scale=0.3, mask=keep, causal=True,
+                                                      backend=backend))
