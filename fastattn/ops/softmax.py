@@ -139,15 +139,10 @@ def _validate(x, dim, scale, mask, causal, dtype):
 
 def _plan(x, dim=-1, *, scale=None, mask=None, causal=False, dtype=None, backend=None):
     x, dim, scale = _validate(x, dim, scale, mask, causal, dtype)
-    mask_dtype = None if mask is None or mask.dtype == torch.bool else mask.dtype
-
-    def unsupported(name):
-        reason = backends.device_error(name, "softmax", x.device, x.dtype)
-        if reason is None and name != "reference" and mask_dtype not in (None, x.dtype, torch.float32):
-            reason = f"an additive mask must be float32 or {x.dtype}"
-        return reason
-
-    choice = backends.choose("softmax", backend, x.device, unsupported, (x.dtype, mask_dtype))
+    # Every backend takes every mask _validate lets through; only x's device and dtype matter.
+    choice = backends.choose(
+        "softmax", backend, x.device,
+        lambda name: backends.device_error(name, "softmax", x.device, x.dtype), (x.dtype,))
     return choice, x, dim, scale
 
 
@@ -180,9 +175,9 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
     if squeeze:
         x = x.reshape(1)
     elif dim != last:
-        x = x.movedim(dim, -1)
         if mask is not None:
-            mask = mask.expand(x.movedim(-1, dim).shape).movedim(dim, -1)
+            mask = mask.expand(x.shape).movedim(dim, -1)
+        x = x.movedim(dim, -1)
     op = _triton_softmax() if choice.backend == "triton" else torch.ops.fastattn.softmax.default
     if torch.is_grad_enabled() and (x.requires_grad or (mask is not None and mask.requires_grad)):
         out = op(x, mask, scale, causal)
