@@ -28,8 +28,11 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     filled dict (the registry query itself would break the graph)."""
     key = (op, dispatch_key)
     if key not in _has_kernel:
-        _has_kernel[key] = load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"fastattn::{op}", dispatch_key)
+        try:
+            _has_kernel[key] = load_error() is None and \
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", dispatch_key)
+        except RuntimeError:  # a fastattn._C built before this op existed: no such schema
+            _has_kernel[key] = False
     return _has_kernel[key]
 
 

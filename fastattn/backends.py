@@ -27,10 +27,12 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The fused backend that serves CUDA tensors first, per op. Each entry must cite the benchmark
-# that decided it. softmax: no GPU run yet (this project's first GPU results will decide);
-# "cuda" until then.
+# that decided it. softmax, layer_norm, rms_norm: no GPU run yet (this project's first GPU
+# results will decide); "cuda" until then.
 GPU_PREFERENCE: dict[str, tuple[str, str]] = {
     "softmax": ("cuda", "triton"),
+    "layer_norm": ("cuda", "triton"),
+    "rms_norm": ("cuda", "triton"),
 }
 
 _log = logging.getLogger("fastattn")

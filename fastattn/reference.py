@@ -40,3 +40,57 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
     total = e.sum(dim, keepdim=True)
     out = e / torch.where(total == 0, torch.ones_like(total), total)
     return out.to(x.dtype)
+
+
+def _norm_dims(x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
+    n = 1 if isinstance(normalized_shape, int) else len(tuple(normalized_shape))
+    return tuple(range(-n, 0)) if x.dim() else ()
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dims `normalized_shape`
+    (biased variance, as torch.nn.functional.layer_norm). x: (..., *normalized_shape);
+    weight, bias: normalized_shape or None. Returns x's shape and dtype."""
+    dims = _norm_dims(x, normalized_shape)
+    z = x.to(_compute_dtype(x.dtype))
+    mean = z.mean(dims, keepdim=True)
+    centered = z - mean
+    out = centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(z.dtype)
+    if bias is not None:
+        out = out + bias.to(z.dtype)
+    return out.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+             eps: float | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the trailing dims `normalized_shape`, as
+    torch.nn.functional.rms_norm. eps None: the machine epsilon of the compute dtype
+    (float32 for float32/float16/bfloat16 inputs, float64 for float64), as torch does.
+    Returns x's shape and dtype."""
+    dims = _norm_dims(x, normalized_shape)
+    z = x.to(_compute_dtype(x.dtype))
+    if eps is None:
+        eps = torch.finfo(z.dtype).eps
+    out = z * torch.rsqrt(z.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(z.dtype)
+    return out.to(x.dtype)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: s = x + residual (in x's dtype); returns (layer_norm(s), s)."""
+    s = x + residual
+    return layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape,
+                 weight: torch.Tensor | None = None,
+                 eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step: s = x + residual (in x's dtype); returns (rms_norm(s), s)."""
+    s = x + residual
+    return rms_norm(s, normalized_shape, weight, eps), s

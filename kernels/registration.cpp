@@ -13,6 +13,34 @@ TORCH_LIBRARY(fastattn, m) {
   // grad_x = scale * out * (grad_out - sum(grad_out * out, -1))
   m.def("softmax_backward(Tensor grad_out, Tensor out, float scale) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // Normalization over the last dim N of x (..., N); rows = x.numel() / N. With `residual`
+  // (x's shape and dtype) the op normalizes s = x + residual (rounded to x's dtype) and also
+  // returns s as residual_out; without it residual_out is an empty (0,) tensor. weight and
+  // bias: (N,) in x's dtype or float32 (the same dtype when both are given). Outputs are
+  // contiguous with x's shape and dtype; mean and rstd are float32 (rows,):
+  //   layer_norm: out = (s - mean) * rstd * weight + bias, rstd = 1 / sqrt(var + eps)
+  //   rms_norm:   out = s * rstd * weight,                  rstd = 1 / sqrt(mean(s^2) + eps)
+  // eps must be > 0. Statistics and math in float32 whatever the storage type.
+  m.def("layer_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps) -> "
+        "(Tensor out, Tensor residual_out, Tensor mean, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor? weight, float eps) -> "
+        "(Tensor out, Tensor residual_out, Tensor rstd)",
+        {at::Tag::pt2_compliant_tag});
+  // Gradients of the ops above. input: what was normalized (x, or residual_out when a
+  // residual was added). grad_residual_out (optional): the gradient arriving at residual_out,
+  // added to grad_input (which is then the gradient of both x and residual).
+  // grad_weight: (N,) in weight's dtype, an empty (0,) tensor without weight. grad_bias
+  // (layer_norm only, when has_bias): (N,) in weight's dtype, or input's dtype without weight.
+  // grad_weight and grad_bias are reduced over rows in a fixed order (deterministic).
+  m.def("layer_norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor input, "
+        "Tensor? weight, Tensor mean, Tensor rstd, bool has_bias) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("rms_norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor input, "
+        "Tensor? weight, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // `import fastattn._C` loads this library (and so runs the registrations above).

@@ -1,5 +1,7 @@
 """Drop-in modules built on fastattn ops."""
 
+from .layer_norm import LayerNorm
+from .rms_norm import RMSNorm
 from .softmax import Softmax
 
-__all__ = ["Softmax"]
+__all__ = ["LayerNorm", "RMSNorm", "Softmax"]

@@ -11,14 +11,6 @@
 namespace fastattn::cpu {
 namespace {
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::Half;
-    case at::kBFloat16: return DType::BFloat16;
-    default: return DType::Float;
-  }
-}
-
 at::Tensor softmax_cpu(const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale,
                        bool causal) {
   SoftmaxInputs in = prepare_softmax(x, mask, scale);

@@ -2,11 +2,10 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu_dtype.h"
 #include "fastattn/softmax_geometry.h"
 
 namespace fastattn::cpu {
-
-enum class DType { Float, Half, BFloat16 };
 
 struct SoftmaxForwardArgs {
   const void* x;     // (rows, N) contiguous

@@ -26,40 +26,12 @@
 
 #include "fastattn/softmax_geometry.h"
 #include "softmax_cpu.h"
+#include "vec_io.h"
 
 namespace fastattn::cpu::FASTATTN_ISA {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int kV = Vec::size();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Loads `count` (<= kV) values as float32 lanes; lanes past `count` are 0.
-template <typename T>
-inline Vec load_f32(const T* p, int64_t count = kV) {
-  if constexpr (std::is_same_v<T, float>) {
-    return count == kV ? Vec::loadu(p) : Vec::loadu(p, count);
-  } else {
-    Vec v;
-    if (count == kV) {
-      at::vec::load_to_float<T>(p, v);
-      return v;
-    }
-    alignas(64) float tmp[kV] = {};
-    for (int64_t k = 0; k < count; ++k) tmp[k] = static_cast<float>(p[k]);
-    return Vec::loadu(tmp);
-  }
-}
-
-// Stores the first `count` (<= kV) lanes.
-template <typename T>
-inline void store_f32(T* p, const Vec& v, int64_t count = kV) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, count);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, count);
-  }
-}
 
 // z where the kV bools at p are true, -inf elsewhere.
 inline Vec keep_where(Vec z, const bool* p) {
