@@ -83,7 +83,7 @@ def test_every_softmax_launch_config_is_compiled(triton_report):
     of the kernels that run it (single-pass tiles, or the online / loop kernels)."""
     from fastattn._triton.softmax import tile_config  # host code: fine when interpreted
     seen = {(r["kernel"], r["arch"], r["constexprs"]["BLOCK_N"], r["constexprs"].get("ROWS", 0),
-             r["num_warps"]) for r in triton_report}
+             r["num_warps"]) for r in triton_report if r["module"] == "softmax"}
     for n in (1, 7, 64, 257, 1024, 4097, 8192, 9000, 65536):
         cfg = tile_config(n)
         names = ("_softmax_fwd_tile", "_softmax_bwd_tile") if cfg["ROWS"] else \
@@ -131,3 +131,22 @@ ptxas info    : Used 255 registers, used 1 barriers, 2048 bytes smem, 380 bytes 
     assert tool.spill_reason({"spill_stores": 0, "stack": 0, "local": 0}) is None
     assert tool.itanium_base(name) == "kern"
     assert tool.max_threads(64) == 1024 and tool.max_threads(104) == 608
+
+
+@pytest.mark.slow
+def test_every_norm_launch_config_is_compiled(triton_report):
+    """norm_config's forward and backward choices for lengths that reach each branch are among
+    the compiled configs of the kernels that run them."""
+    from fastattn._triton.norm import norm_config  # host code: fine when interpreted
+    seen = {(r["kernel"], r["arch"], r["constexprs"].get("BLOCK_N"), r["constexprs"].get("ROWS", 0),
+             r["num_warps"]) for r in triton_report if r["module"] == "norm"}
+    for n, backward in itertools.product((1, 7, 64, 256, 1000, 4097, 8192, 9000, 65536),
+                                         (False, True)):
+        cfg = norm_config(n, backward)
+        if cfg["ROWS"]:
+            names = ("_norm_bwd_tile",) if backward else ("_norm_fwd_tile",)
+        else:
+            names = ("_norm_bwd_loop",) if backward else ("_norm_fwd_loop",)
+        for name, arch in itertools.product(names, ARCHS):
+            key = (name, arch, cfg["BLOCK_N"], cfg["ROWS"], cfg["num_warps"])
+            assert key in seen, (n, backward, cfg)

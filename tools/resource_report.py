@@ -151,7 +151,62 @@ def softmax_plan(module) -> list[dict]:
     return out
 
 
-PLANS = {"softmax": softmax_plan}  # kernels/triton/<name>.py -> its variants
+def norm_plan(module) -> list[dict]:
+    """Every config norm_config returns, forward and backward (N up to 4 * MAX_TILE_N reaches
+    each branch and block size), for the kernels that run it, LayerNorm and RMSNorm, with bf16
+    data, fp32 weight and bias and a residual / grad_residual_out; plus the data x parameter
+    dtype sweep at the config with the most elements per thread (the register-heaviest) and at
+    the loop config, and the stage-2 reduction in every gradient dtype."""
+    def configs(backward):  # (tile configs, loop configs, the heaviest tile config)
+        found = {tuple(module.norm_config(n, backward).items())
+                 for n in range(1, 4 * module.MAX_TILE_N + 1)}
+        cfgs = sorted((dict(c) for c in found), key=lambda c: (c["ROWS"] == 0, c["BLOCK_N"]))
+        tile = [c for c in cfgs if c["ROWS"]]
+        heaviest = max(tile, key=lambda c: (c["BLOCK_N"] * c["ROWS"] / c["num_warps"],
+                                            c["BLOCK_N"]))
+        return tile, [c for c in cfgs if not c["ROWS"]], heaviest
+
+    def fwd(kernel, cfg, x, p, rms):
+        types = {"x_ptr": f"*{x}", "res_ptr": f"*{x}", "w_ptr": f"*{p}", "b_ptr": f"*{p}",
+                 "out_ptr": f"*{x}", "res_out_ptr": f"*{x}", "mean_ptr": "*fp32",
+                 "rstd_ptr": "*fp32", "eps": "fp32"}
+        flags = {"RMS": rms, "HAS_RES": True, "HAS_W": True, "HAS_B": not rms}
+        return variant(kernel, types, {**cfg, **flags}, cfg["num_warps"])
+
+    def bwd(kernel, cfg, x, p, rms):
+        types = {"dy_ptr": f"*{x}", "dres_ptr": f"*{x}", "x_ptr": f"*{x}", "w_ptr": f"*{p}",
+                 "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "coef_ptr": "*fp32",
+                 "dx_ptr": f"*{x}", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32"}
+        flags = {"RMS": rms, "HAS_DRES": True, "HAS_W": True, "HAS_DB": not rms}
+        types = {k: t for k, t in types.items() if k in kernel.arg_names}  # coef: loop only
+        return variant(kernel, types, {**cfg, **flags}, cfg["num_warps"])
+
+    def sweep():  # (x dtype, weight / bias dtype, RMS)
+        return [(x, p, rms) for x in FLOAT_DTYPES for p in sorted({x, "fp32"})
+                for rms in (False, True)]
+
+    out = []
+    (tile, loop, heaviest), (btile, bloop, bheaviest) = configs(False), configs(True)
+    for make, kernels in ((fwd, ((module._norm_fwd_tile, tile, heaviest),
+                                 (module._norm_fwd_loop, loop, loop[0]))),
+                          (bwd, ((module._norm_bwd_tile, btile, bheaviest),
+                                 (module._norm_bwd_coef, bloop, bloop[0]),
+                                 (module._norm_bwd_loop, bloop, bloop[0])))):
+        for kernel, cfgs, sweep_at in kernels:
+            out += [make(kernel, cfg, "bf16", "fp32", rms) for cfg in cfgs
+                    for rms in (False, True)]
+            out += [make(kernel, sweep_at, *args) for args in sweep()]
+    for g, (has_dw, has_db) in itertools.product(FLOAT_DTYPES, ((1, 1), (1, 0), (0, 1))):
+        types = {"dw_part_ptr": "*fp32", "db_part_ptr": "*fp32", "dw_ptr": f"*{g}",
+                 "db_ptr": f"*{g}"}
+        out.append(variant(module._norm_bwd_reduce, types,
+                           {"HAS_DW": bool(has_dw), "HAS_DB": bool(has_db),
+                            "BLOCK_P": module.REDUCE_BLOCK_P, "BLOCK_C": module.REDUCE_BLOCK_C},
+                           module.REDUCE_WARPS))
+    return out
+
+
+PLANS = {"softmax": softmax_plan, "norm": norm_plan}  # kernels/triton/<name>.py -> its variants
 
 
 def signature(kernel, types: dict) -> dict:
