@@ -24,8 +24,9 @@ import torch
 import fastattn
 from fastattn import reference
 
-from .common import (Row, gbs, max_error, peak_bandwidth_gbs, resolve_device, softmax_bytes,
+from .common import (gbs, max_error, peak_bandwidth_gbs, resolve_device, softmax_bytes,
                      time_interleaved)
+from .report import Row
 
 BASELINES = ("eager", "torch.softmax", "compile")
 NEG_INF = float("-inf")

@@ -1,6 +1,6 @@
 """The `fastattn` command line: `fastattn bench ...` and `fastattn info`.
 
-    fastattn bench [--ops softmax ...] [--device cpu|cuda|auto] [--quick] [--threads N]
+    fastattn bench [--ops softmax norm ...] [--device cpu|cuda|auto] [--quick] [--threads N]
                    [--out DIR] [--stem NAME] [--no-save]
     fastattn info
     python -m fastattn.cli bench --device cpu --quick --no-save
@@ -54,6 +54,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     pkg = _benchmarks_package()
     common = importlib.import_module(pkg.__name__ + ".common")
+    report = importlib.import_module(pkg.__name__ + ".report")
     known = _bench_ops(pkg)
     ops = _split(args.ops) if args.ops else known
     unknown = [op for op in ops if op not in known]
@@ -69,7 +70,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     allocator = common.steady_cpu_allocator() if device.type == "cpu" else None
     start = time.perf_counter()
-    meta = common.collect_meta(device)  # measures the copy bandwidth
+    meta = report.collect_meta(device)  # measures the copy bandwidth
     meta["cpu_allocator"] = allocator
     meta["command"] = "fastattn " + " ".join(args.argv)
     _warn_if_contended(meta.get("contention_at_start"), "start")
@@ -89,13 +90,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         meta["contention_at_end"] = common.cpu_contention()
         _warn_if_contended(meta["contention_at_end"], "end")
     meta["quick"] = args.quick
-    common.print_table(rows)
+    report.print_table(rows)
     print()
-    for line in common.summarize(rows):
+    for line in report.summarize(rows):
         print(line)
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
     if not args.no_save:
-        for path in common.write_results(rows, meta, args.out, args.stem):
+        for path in report.write_results(rows, meta, args.out, args.stem):
             print(f"wrote {path}")
     return 0
 
@@ -134,11 +135,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("CUDA: not available")
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
-    for dev in devices:
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            names = fastattn.available_backends("softmax", dev, dtype)
-            print(f"softmax backends on {dev} {str(dtype).removeprefix('torch.')}: "
-                  f"{', '.join(names)}")
+    for op in ("softmax", "layer_norm", "rms_norm"):  # add_* ops use their norm's backends
+        for dev in devices:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                names = fastattn.available_backends(op, dev, dtype)
+                print(f"{op} backends on {dev} {str(dtype).removeprefix('torch.')}: "
+                      f"{', '.join(names)}")
     return 0
 
 
