@@ -165,9 +165,14 @@ def triton_op(op: str):
 
 def normalized_dims(op: str, x: torch.Tensor, normalized_shape) -> tuple[int, ...]:
     """normalized_shape as a tuple of ints (an int means (int,)), checked against x."""
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+    if type(normalized_shape) is int:  # fast paths first: this runs on every call
+        shape = (normalized_shape,)
+    elif type(normalized_shape) in (tuple, torch.Size) and all(
+            type(d) is int for d in normalized_shape):
+        shape = tuple(normalized_shape)
+    elif isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         shape = (int(normalized_shape),)
-    elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(
+    elif isinstance(normalized_shape, Sequence) and all(
             isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in normalized_shape):
         shape = tuple(int(d) for d in normalized_shape)
     else:
@@ -175,7 +180,7 @@ def normalized_dims(op: str, x: torch.Tensor, normalized_shape) -> tuple[int, ..
                         f"got {normalized_shape!r}")
     if not shape:
         raise ValueError(f"fastattn.{op}: normalized_shape must have at least one dim, got ()")
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or len(shape) > x.dim():
+    if len(shape) > x.dim() or x.shape[x.dim() - len(shape):] != shape:
         raise ValueError(f"fastattn.{op}: normalized_shape {shape} must match the trailing dims "
                          f"of x, whose shape is {tuple(x.shape)}")
     return shape
@@ -237,19 +242,31 @@ def choose(op: str, x: torch.Tensor, backend: str | None) -> backends.Choice:
 
 # ---- the call ------------------------------------------------------------------------------------
 
+_CPP_OPS = {}
+
+
 def run(op: str, choice: backends.Choice, x, residual, shape, weight, bias, eps):
     """Calls fastattn::<op> (or its Triton twin) on x viewed as (..., N); returns
     (out, residual_out or None) in x's shape."""
-    n = math.prod(shape)
-    lead = x.shape[:x.dim() - len(shape)]
-    x2 = x.reshape(*lead, n)  # (..., N)
-    r2 = None if residual is None else residual.reshape(*lead, n)  # (..., N)
-    w = None if weight is None else weight.reshape(n)  # (N,)
-    b = None if bias is None else bias.reshape(n)  # (N,)
-    fn = triton_op(op) if choice.backend == "triton" else getattr(torch.ops.fastattn, op).default
+    if len(shape) == 1:  # already (..., N)
+        x2, r2, w, b = x, residual, weight, bias
+    else:
+        n = math.prod(shape)
+        lead = x.shape[:x.dim() - len(shape)]
+        x2 = x.reshape(*lead, n)  # (..., N)
+        r2 = None if residual is None else residual.reshape(*lead, n)  # (..., N)
+        w = None if weight is None else weight.reshape(n)  # (N,)
+        b = None if bias is None else bias.reshape(n)  # (N,)
+    if choice.backend == "triton":
+        fn = triton_op(op)
+    else:
+        fn = _CPP_OPS.get(op) or _CPP_OPS.setdefault(op, getattr(torch.ops.fastattn, op).default)
     args = (x2, r2, w, b, eps) if op == "layer_norm" else (x2, r2, w, eps)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
     outs = fn(*args) if needs_grad else _library.call_without_autograd(fn, *args)
-    out, res_out = outs[0].view(x.shape), outs[1]
-    return out, (None if residual is None else res_out.view(x.shape))
+    if len(shape) == 1:
+        return outs[0], (None if residual is None else outs[1])
+    return outs[0].view(x.shape), (None if residual is None else outs[1].view(x.shape))

@@ -36,6 +36,7 @@ namespace {
 
 // A sum of vectors in three levels of 16: each float32 lane adds at most 16 terms per level
 // (plus N / (256 kV) at the top), so a 65536-long row sums as accurately as a short one.
+// Hot loops feed it sums of up to 16 vectors (one more level, no per-vector bookkeeping).
 class CascadeSum {
  public:
   void add(const Vec& v) {
@@ -104,21 +105,29 @@ void forward_rows(const NormForwardArgs& a, int64_t begin, int64_t end) {
     const Vec v0 = load_s(0, n0);
     const float K = RMS ? 0.f : reduce_sum(v0) / static_cast<float>(n0);
     const Vec vK(K);
-    CascadeSum sum, sq;
+    CascadeSum sum, sq;  // of blocks of up to 16 vectors, summed in plain accumulators
+    Vec bsum(0.f), bsq(0.f);
     auto accumulate = [&](const Vec& v, int64_t n) {
       if constexpr (RMS) {
-        sq.add(v * v);
+        bsq = at::vec::fmadd(v, v, bsq);
       } else {
         const Vec d = first_lanes(v - vK, n);
-        sum.add(d);
-        sq.add(d * d);
+        bsum = bsum + d;
+        bsq = at::vec::fmadd(d, d, bsq);
       }
     };
     accumulate(v0, n0);
-    for (int64_t j = kV; j < N; j += kV) {
-      const int64_t n = std::min<int64_t>(kV, N - j);
-      accumulate(load_s(j, n), n);
+    for (int64_t j = kV; j < N;) {
+      for (const int64_t block_end = std::min<int64_t>(N, j + 15 * kV); j < block_end; j += kV) {
+        const int64_t n = std::min<int64_t>(kV, N - j);
+        accumulate(load_s(j, n), n);
+      }
+      sum.add(bsum);
+      sq.add(bsq);
+      bsum = bsq = Vec(0.f);
     }
+    sum.add(bsum);
+    sq.add(bsq);
     if constexpr (RMS) {
       var = sq.total() * inv_n;  // mean of s^2
     } else {
@@ -176,16 +185,21 @@ void backward_rows(const NormBackwardArgs& a, int64_t begin, int64_t end, float*
     auto scaled = [&](const Vec& d, int64_t j, int64_t n) {  // g = dy * weight
       return w != nullptr ? d * load_f32(w + j, n) : d;
     };
-    CascadeSum sum_g, sum_gx;
-    for (int64_t j = 0; j < N; j += kV) {
-      const int64_t n = std::min<int64_t>(kV, N - j);
-      const Vec d = load_f32(dy + j, n);  // lanes past n are 0, so g and g * xhat are too
-      const Vec xh = xhat(j, n);
-      const Vec g = scaled(d, j, n);
-      if constexpr (!RMS) sum_g.add(g);
-      sum_gx.add(g * xh);
-      if (pw != nullptr) (Vec::loadu(pw + j, n) + d * xh).store(pw + j, n);
-      if (pb != nullptr) (Vec::loadu(pb + j, n) + d).store(pb + j, n);
+    CascadeSum sum_g, sum_gx;  // of blocks of up to 16 vectors
+    for (int64_t j = 0; j < N;) {
+      Vec bg(0.f), bgx(0.f);
+      for (const int64_t block_end = std::min<int64_t>(N, j + 16 * kV); j < block_end; j += kV) {
+        const int64_t n = std::min<int64_t>(kV, N - j);
+        const Vec d = load_f32(dy + j, n);  // lanes past n are 0, so g and g * xhat are too
+        const Vec xh = xhat(j, n);
+        const Vec g = scaled(d, j, n);
+        if constexpr (!RMS) bg = bg + g;
+        bgx = at::vec::fmadd(g, xh, bgx);
+        if (pw != nullptr) at::vec::fmadd(d, xh, Vec::loadu(pw + j, n)).store(pw + j, n);
+        if (pb != nullptr) (Vec::loadu(pb + j, n) + d).store(pb + j, n);
+      }
+      sum_g.add(bg);
+      sum_gx.add(bgx);
     }
     const Vec mg(RMS ? 0.f : sum_g.total() * inv_n), mgx(sum_gx.total() * inv_n);
     const T* gs = static_cast<const T*>(a.grad_sum);
