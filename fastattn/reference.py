@@ -94,3 +94,70 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape,
     """Pre-norm residual step: s = x + residual (in x's dtype); returns (rms_norm(s), s)."""
     s = x + residual
     return rms_norm(s, normalized_shape, weight, eps), s
+
+
+def _philox_first_word(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10's first output word, on numpy uint64 arrays holding 32-bit values."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & m32,
+                          (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & m32)
+        k0 = (k0 + np.uint64(0x9E3779B9)) & m32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & m32
+    return c0
+
+
+def dropout_keep(seed: int, offset: int, shape: tuple[int, int, int, int], dropout_p: float,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The attention dropout mask every fastattn backend draws for (seed, offset): bool
+    (B, Hq, L, S), True = kept. Spec (kernels/include/fastattn/philox.h): the score (b, h, i, j)
+    has flat index idx = ((b * Hq + h) * L + i) * S + j; x0 = Philox4x32-10 with counter
+    (lo32(idx), hi32(idx), lo32(offset), hi32(offset)) and key (lo32(seed), hi32(seed));
+    kept when (x0 >> 8) * 2^-24 >= dropout_p (as float32)."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    idx = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    seed64, offset64 = np.uint64(seed % 2**64), np.uint64(offset % 2**64)
+    zeros = np.zeros_like(idx)
+    x0 = _philox_first_word(idx & m32, idx >> np.uint64(32), zeros + (offset64 & m32),
+                            zeros + (offset64 >> np.uint64(32)), seed64 & m32,
+                            seed64 >> np.uint64(32))
+    u = (x0 >> np.uint64(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    keep = torch.from_numpy(u >= np.float32(dropout_p)).reshape(shape)
+    return keep.to(device) if device is not None else keep
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+         attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+         scale: float | None = None, enable_gqa: bool = False, *,
+         dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) v, as torch.nn.functional.scaled_dot_product_attention.
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); leading dims
+    broadcast; Hkv may divide Hq when enable_gqa. attn_mask: bool (True = attend) or additive,
+    broadcastable to (..., Hq, L, S). is_causal: key j masked for query i when j > i (top-left).
+    scale: default 1 / sqrt(E). A query row with every key masked gives zeros.
+    dropout_mask: bool, broadcastable to the scores, True = kept (then dropout_p scales the kept
+    probabilities by 1 / (1 - dropout_p)); without it dropout_p > 0 draws torch's own mask.
+    Returns (..., Hq, L, Ev) in query's dtype.
+    """
+    ct = _compute_dtype(query.dtype)
+    q, k, v = query.to(ct), key.to(ct), value.to(ct)
+    if enable_gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q @ k.transpose(-2, -1)
+    p = softmax(scores, scale=scale, mask=attn_mask, causal=is_causal)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            p = torch.nn.functional.dropout(p, dropout_p)
+        else:
+            p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    return (p @ v).to(query.dtype)

@@ -41,6 +41,34 @@ TORCH_LIBRARY(fastattn, m) {
   m.def("rms_norm_backward(Tensor grad_out, Tensor? grad_residual_out, Tensor input, "
         "Tensor? weight, Tensor rstd) -> (Tensor grad_input, Tensor grad_weight)",
         {at::Tag::pt2_compliant_tag});
+
+  // Fused scaled dot-product attention (FlashAttention-style: tiles of q against streamed k/v
+  // with an online softmax; no (L, S) buffer). Canonical 4-d layout, arbitrary strides but
+  // stride(-1) == 1 (the Python layer guarantees it; stride 0 allowed elsewhere):
+  //   q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev); Hq % Hkv == 0, query head h reads
+  //   key/value head h / (Hq / Hkv) (GQA; Hkv == Hq without it).
+  //   mask: none, or a (B, Hq, L, S) view (stride(3) == 1, others may be 0), bool (True =
+  //   attend) or additive (float32 or q's dtype).
+  //   is_causal: key j is masked for query i when j > i (top-left aligned, as torch's
+  //   is_causal); never together with a mask (the Python layer folds it in).
+  //   Scores z = scale * q.k + mask, probabilities p = softmax(z) over keys.
+  //   dropout_p > 0: p_ij is kept with probability 1 - dropout_p and scaled by
+  //   1 / (1 - dropout_p); keep(b, h, i, j) is fixed by (seed, offset) through Philox4x32-10
+  //   (spec in kernels/include/fastattn/philox.h, reference in fastattn/reference.py).
+  // Returns out (B, Hq, L, Ev) contiguous in q's dtype and lse (B, Hq, L) float32 contiguous,
+  // the natural log of sum_j exp(z_ij) (+inf for a row with no unmasked key, whose out is 0).
+  m.def("sdpa(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, "
+        "float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)",
+        {at::Tag::pt2_compliant_tag});
+  // Gradients of sdpa, recomputing p from lse (no (L, S) buffer unless want_grad_mask).
+  // grad_out: (B, Hq, L, Ev), stride(-1) == 1. grad_q/grad_k/grad_v contiguous in q's dtype,
+  // shaped as q/k/v (grad_k/grad_v summed over the Hq / Hkv query heads of each kv head, in a
+  // fixed order: deterministic). grad_mask: dz, the gradient of the scores z (= of an additive
+  // mask), (B, Hq, L, S) float32 when want_grad_mask, else an empty (0,) tensor.
+  m.def("sdpa_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? mask, float scale, bool is_causal, float dropout_p, int seed, int offset, "
+        "bool want_grad_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // `import fastattn._C` loads this library (and so runs the registrations above).
