@@ -28,8 +28,10 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The fused backend that serves CUDA tensors first, per op. Each entry must cite the benchmark
 # that decided it. softmax, layer_norm, rms_norm: no GPU run yet (this project's first GPU
-# results will decide); "cuda" until then.
+# results will decide); "cuda" until then. sdpa: the same (no GPU run yet); the CUDA kernels
+# take fp16/bf16 with head dims 32-256 (fastattn/ops/sdpa.py), everything else goes to Triton.
 GPU_PREFERENCE: dict[str, tuple[str, str]] = {
+    "sdpa": ("cuda", "triton"),
     "softmax": ("cuda", "triton"),
     "layer_norm": ("cuda", "triton"),
     "rms_norm": ("cuda", "triton"),
