@@ -20,6 +20,7 @@ SCRIPT = ROOT / "tools" / "resource_report.py"
 SOFTMAX = ROOT / "kernels" / "triton" / "softmax.py"
 ARCHS = ("sm_80", "sm_90")
 SM80_SMEM = 163 * 1024
+SMEM = {"sm_80": SM80_SMEM, "sm_90": 227 * 1024}  # bytes of shared memory a block may use
 
 
 def run_report(tmp_path, *args):
@@ -73,8 +74,9 @@ def test_triton_kernels_compile_for_sm80_and_sm90(triton_report):
         assert "error" not in r, where
         assert r["registers"] > 0, where
         assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, where
-        assert r["shared"] <= SM80_SMEM, where
-        assert r["wgmma"] is False, where  # softmax has no matmul
+        assert r["shared"] <= SMEM[r["arch"]], where
+        if r["module"] != "attention":
+            assert r["wgmma"] is False, where  # softmax and the norms have no matmul
 
 
 @pytest.mark.slow
@@ -150,3 +152,40 @@ def test_every_norm_launch_config_is_compiled(triton_report):
         for name, arch in itertools.product(names, ARCHS):
             key = (name, arch, cfg["BLOCK_N"], cfg["ROWS"], cfg["num_warps"])
             assert key in seen, (n, backward, cfg)
+
+
+@pytest.mark.slow
+def test_every_attention_launch_config_is_compiled(triton_report):
+    """Every config the attention autotuners choose among (attn_configs, for each kernel,
+    dtype, head dims and dropout) is compiled for both archs at head dims at least as large as
+    the ones it serves (with dropout when it serves dropout), and the delta kernel at every
+    head dim; the sm_90 builds of the 16-bit forward with BLOCK_M >= 64 use wgmma."""
+    import torch
+    from fastattn._triton.attention import attn_configs, delta_block, head_block
+    recs = [r for r in triton_report if r["module"] == "attention"]
+    seen = {}  # (kernel, arch, BLOCK_M, BLOCK_N, warps, stages, fp32 data, dropout) -> BLOCK_E
+    for r in recs:
+        c = r["constexprs"]
+        if r["kernel"] == "_attn_bwd_delta":
+            continue
+        key = (r["kernel"], r["arch"], c["BLOCK_M"], c["BLOCK_N"], r["num_warps"],
+               r["num_stages"], r["dtypes"]["q"] == "fp32", c["DROPOUT"])
+        seen[key] = max(seen.get(key, 0), c["BLOCK_E"])  # the plan compiles E = Ev
+    names = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    heads = ((8, 8), (40, 24), (64, 64), (80, 96), (128, 128), (64, 256), (256, 256))
+    for (kernel, name), dtype, (E, Ev), dropout, arch in itertools.product(
+            names.items(), dtypes, heads, (False, True), ARCHS):
+        need = max(head_block(E), head_block(Ev))
+        for cfg in attn_configs(kernel, dtype, E, Ev, dropout):
+            built = [seen.get((name, arch, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
+                               cfg["num_stages"], dtype == torch.float32, d), 0)
+                     for d in ((True,) if dropout else (False, True))]
+            assert max(built) >= need, (kernel, dtype, E, Ev, dropout, arch, cfg)
+    delta = {(r["arch"], r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_EV"])
+             for r in recs if r["kernel"] == "_attn_bwd_delta"}
+    for Ev, arch in itertools.product((1, 16, 40, 64, 100, 128, 256), ARCHS):
+        assert (arch, delta_block(Ev), head_block(Ev)) in delta, (Ev, arch)
+    hopper_fwd = [r for r in recs if r["kernel"] == "_attn_fwd" and r["arch"] == "sm_90"
+                  and r["dtypes"]["q"] in ("fp16", "bf16") and r["constexprs"]["BLOCK_M"] >= 64]
+    assert hopper_fwd and all(r["wgmma"] for r in hopper_fwd)

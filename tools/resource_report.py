@@ -107,12 +107,20 @@ def launched_kernels(path: Path, module) -> list[str]:
     return sorted(n for n in names if isinstance(getattr(module, n, None), triton.JITFunction))
 
 
-def variant(kernel, types: dict, constexprs: dict, num_warps: int) -> dict:
+def variant(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int | None = None,
+            divisible: tuple[str, ...] = ()) -> dict:
     """One compile: the Triton type of each pointer and non-i32 scalar param ('*bf16',
-    'fp32'), the constexprs the kernel takes, num_warps."""
+    'fp32'), the constexprs the kernel takes, num_warps; optionally num_stages (else Triton's
+    default) and the int params given the divisible-by-16 hint Triton's launcher adds for such
+    values (e.g. head dims and strides that are multiples of 16)."""
     names = [p.name for p in kernel.params if p.is_constexpr]
-    return {"kernel": kernel, "types": types, "num_warps": num_warps,
-            "constexprs": {k: v for k, v in constexprs.items() if k in names}}
+    v = {"kernel": kernel, "types": types, "num_warps": num_warps,
+         "constexprs": {k: v for k, v in constexprs.items() if k in names}}
+    if num_stages is not None:
+        v["num_stages"] = num_stages
+    if divisible:
+        v["divisible"] = tuple(p for p in divisible if p in kernel.arg_names)
+    return v
 
 
 def softmax_plan(module) -> list[dict]:
@@ -206,7 +214,71 @@ def norm_plan(module) -> list[dict]:
     return out
 
 
-PLANS = {"softmax": softmax_plan, "norm": norm_plan}  # kernels/triton/<name>.py -> its variants
+def attention_plan(module) -> list[dict]:
+    """Every launch config of the attention autotuners (module._CONFIGS: kernel x dtype class
+    x head-dim bucket x dropout). A 16-bit config is compiled at the largest head dims it
+    serves (BLOCK_E = BLOCK_EV = the largest bucket listing it; with dropout when a dropout list
+    has it, and also without at a larger bucket of the lists without dropout), in bf16, twice:
+    with an additive float32 mask (a float32 tile per score; dq writing dz) and with is_causal
+    (dkdv then runs two inlined copies of its loop; dq zero-fills dz). A float32 config is
+    compiled at every bucket (its head-dim chunk loops make ptxas's register allocation vary
+    with the head dims instead of growing with them), with dropout and the float32 mask. Plus
+    a bool mask in fp16 and is_causal in float32 at one config per kernel, and
+    _attn_bwd_delta at every BLOCK_EV. Head dims, lengths and strides carry the
+    divisible-by-16 hint Triton's launcher gives them in the common case (head dims 64, 80,
+    96, 128, ...; contiguous rows)."""
+    ints = ("L", "S", "E", "Ev", "q_sb", "q_sh", "q_sl", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh",
+            "v_ss", "m_sb", "m_sh", "m_sl", "do_sb", "do_sh", "do_sl", "o_sb", "o_sh", "o_sl")
+
+    def make(name, cfg, x, mask, kind, causal, dropout, bucket):
+        kernel = module._KERNELS[name]
+        data = {p: f"*{x}" for p in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr",
+                                     "dk_ptr", "dv_ptr")}
+        f32 = {p: "*fp32" for p in ("lse_ptr", "delta_ptr", "dz_ptr")}
+        scalars = {p: "fp32" for p in ("scale", "out_scale", "dropout_p")}
+        types = {k: t for k, t in {**data, **f32, **scalars, "mask_ptr": f"*{mask}"}.items()
+                 if k in kernel.arg_names}
+        bm, bn, warps, stages = cfg
+        fp32 = x == "fp32"
+        consts = {"MASK_KIND": kind, "CAUSAL": causal, "DROPOUT": dropout, "WANT_DZ": True,
+                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_E": bucket, "BLOCK_EV": bucket,
+                  "BLOCK_CE": min(module.FP32_COLUMNS[name], bucket) if fp32 else bucket,
+                  "BLOCK_CV": min(module.FP32_COLUMNS[name], bucket) if fp32 else bucket,
+                  "BLOCK_K": min(module.FP32_CHUNK, bucket) if fp32 else 0,
+                  "PRECISION": "ieee" if fp32 else "tf32"}
+        return variant(kernel, types, consts, warps, stages, ints)
+
+    serves = {}  # (kernel, dtype class, config) -> {dropout: the largest bucket listing it}
+    out = []
+    for (name, dclass, bucket, dropout), cfgs in module._CONFIGS.items():
+        for cfg in cfgs:
+            if dclass == "32":  # every bucket; with dropout when listed so (heavier)
+                if dropout or (name, dclass, bucket, True) not in module._CONFIGS or \
+                        cfg not in module._CONFIGS[(name, dclass, bucket, True)]:
+                    out.append(make(name, cfg, "fp32", "fp32", 2, False, dropout, bucket))
+                continue
+            by_dropout = serves.setdefault((name, dclass, cfg), {})
+            by_dropout[dropout] = max(by_dropout.get(dropout, 0), bucket)
+    for (name, _, cfg), by_dropout in serves.items():
+        for dropout, bucket in by_dropout.items():
+            if dropout or bucket > by_dropout.get(True, 0):
+                out += [make(name, cfg, "bf16", "fp32", 2, False, dropout, bucket),
+                        make(name, cfg, "bf16", "bf16", 0, True, dropout, bucket)]
+    for name in ("fwd", "dkdv", "dq"):
+        out += [make(name, module._CONFIGS[(name, "16", 128, False)][0], "fp16", "i1", 1, False,
+                     False, 128),
+                make(name, module._CONFIGS[(name, "32", 128, False)][0], "fp32", "fp32", 0, True,
+                     False, 128)]
+    for x, block_ev in itertools.product(FLOAT_DTYPES, (16, 32, 64, 128, 256)):
+        out.append(variant(module._attn_bwd_delta, {"o_ptr": f"*{x}", "do_ptr": f"*{x}",
+                                                    "delta_ptr": "*fp32"},
+                           {"BLOCK_M": module.delta_block(block_ev), "BLOCK_EV": block_ev},
+                           module.DELTA_WARPS, divisible=ints))
+    return out
+
+
+PLANS = {"softmax": softmax_plan, "norm": norm_plan,  # kernels/triton/<name>.py -> its variants
+         "attention": attention_plan}
 
 
 def signature(kernel, types: dict) -> dict:
@@ -221,7 +293,8 @@ def signature(kernel, types: dict) -> dict:
 
 def compile_variant(module_name: str, v: dict, cc: int) -> dict:
     """Compile one variant for sm_<cc> and measure it; a failure is recorded under 'error'.
-    Pointers carry the 16-byte alignment hint that fresh torch tensors give at launch."""
+    Pointers carry the 16-byte alignment hint that fresh torch tensors give at launch (and so
+    do the int params the variant lists as divisible)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
@@ -232,12 +305,18 @@ def compile_variant(module_name: str, v: dict, cc: int) -> dict:
            "dtypes": {k.removesuffix("_ptr"): t[1:] for k, t in v["types"].items() if t[0] == "*"}}
     attrs = {(kernel.arg_names.index(p),): [["tt.divisibility", 16]]
              for p, t in v["types"].items() if t[0] == "*"}
+    attrs.update({(kernel.arg_names.index(p),): [["tt.divisibility", 16]]
+                  for p in v.get("divisible", ())})
+    if v.get("divisible"):
+        rec["divisible"] = list(v["divisible"])
+    options = {"num_warps": v["num_warps"]}
+    if "num_stages" in v:
+        rec["num_stages"] = options["num_stages"] = v["num_stages"]
     start = time.perf_counter()
     try:
         src = ASTSource(fn=kernel, signature=signature(kernel, v["types"]),
                         constexprs=v["constexprs"], attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": v["num_warps"]})
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as tmp:  # the flags of Triton's make_cubin
             Path(tmp, "k.ptx").write_text(ptx)
@@ -258,7 +337,8 @@ def compile_variant(module_name: str, v: dict, cc: int) -> dict:
 def describe(rec: dict) -> str:
     """Constexprs, warps and dtypes of a Triton record in a few words."""
     words = {**{k: int(v) if isinstance(v, bool) else v for k, v in rec["constexprs"].items()},
-             "warps": rec["num_warps"], **rec["dtypes"]}
+             "warps": rec["num_warps"],
+             **({"stages": rec["num_stages"]} if "num_stages" in rec else {}), **rec["dtypes"]}
     return " ".join(f"{k}={v}" for k, v in words.items())
 
 

@@ -1,0 +1,320 @@
+"""Triton kernels of fastattn's fused attention backward (launched by attention.py),
+FlashAttention-2 algebra with p recomputed from the forward's lse (no (L, S) buffer):
+
+    p_ij = 2^(log2e (z_ij - lse_i))   (0 where masked, and on rows with lse = +inf)
+    Z_ij = keep_ij / (1 - dropout_p)  (1 without dropout; keep from dropout_keep)
+    D_i = sum_e dO_ie * O_ie
+    dV_j = sum_i p_ij Z_ij dO_i;  dP_ij = (dO_i . v_j) Z_ij;  dz_ij = p_ij (dP_ij - D_i)
+    dQ_i = scale * sum_j dz_ij k_j;  dK_j = scale * sum_i dz_ij q_i
+
+_attn_bwd_delta: D (B, Hq, L) float32, one program per (query block, batch * head).
+_attn_bwd_dkdv: one program per (key block, batch * kv head); dK, dV of its keys in float32
+  registers, summed over the group's Hq / Hkv query heads and all query blocks in a fixed order
+  (deterministic, no atomics). Scores are computed transposed (keys x queries), so neither
+  accumulation needs a transpose of the probabilities. Under is_causal query blocks before the
+  key block are skipped and only the diagonal ones mask per element.
+_attn_bwd_dq: one program per (query block, batch * query head); dQ over the key blocks
+  (as the forward: unmasked blocks, then the partial / diagonal ones; causal-skipped blocks are
+  never visited), and, when WANT_DZ, dz (B, Hq, L, S) float32 for the mask's gradient, every
+  element written (zeros where masked or causal-skipped).
+BLOCK_K > 0 (float32 inputs): the products over the head dims run in chunks (_rows_dot), as in
+the forward, and the key / query blocks are re-read per step instead of staying resident.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # a package import; the resource report loads this file by path
+    from .attention_fwd import _rows_dot, _scores_mask, dropout_keep
+except ImportError:
+    from fastattn._triton.attention_fwd import _rows_dot, _scores_mask, dropout_keep
+
+
+@triton.jit
+def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, bh0, Hq, L, Ev, o_sb, o_sh, o_sl, do_sb, do_sh,
+                    do_sl, BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr):
+    """D = rowsum(dO * O) of BLOCK_M query rows of head bh0 + y, float32 (B, Hq, L)."""
+    bh = bh0 + tl.program_id(1)
+    b, h = (bh // Hq).to(tl.int64), (bh % Hq).to(tl.int64)
+    i0 = tl.program_id(0) * BLOCK_M
+    i64 = tl.cast(i0, tl.int64)
+    offs_ml = tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    m_ok = i0 + offs_ml < L
+    ok = m_ok[:, None] & (offs_ev < Ev)[None, :]
+    o = tl.load(o_ptr + b * o_sb + h * o_sh + i64 * o_sl + (offs_ml[:, None] * o_sl
+                                                            + offs_ev[None, :]),
+                mask=ok, other=0.0)
+    do = tl.load(do_ptr + b * do_sb + h * do_sh + i64 * do_sl + (offs_ml[:, None] * do_sl
+                                                                 + offs_ev[None, :]),
+                 mask=ok, other=0.0)
+    d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK_M]
+    tl.store(delta_ptr + bh.to(tl.int64) * L + i64 + offs_ml, d, mask=m_ok)
+
+
+# ---- dK / dV ----------------------------------------------------------------------------------
+
+@triton.jit
+def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base, delta_base,
+                offs_n, n_ok, idx_base, lo, hi, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
+                scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, offs_cv, DIAG: tl.constexpr, MASK_KIND: tl.constexpr,
+                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Query blocks [lo, hi) of one head against one key block: updates dk [BLOCK_N, BLOCK_CE]
+    and dv [BLOCK_N, BLOCK_CV] (float32, dk not yet scaled; columns offs_ce / offs_cv). DIAG:
+    mask keys past each query (causal blocks on the diagonal)."""
+    offs_ml = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    for i0 in range(lo, hi, BLOCK_M):
+        i64 = tl.cast(i0, tl.int64)  # (the interpreter gives a Python int)
+        offs_m = i0 + offs_ml  # [BLOCK_M]
+        m_ok = offs_m < L
+        q_blk = q_base + i64 * q_sl
+        do_blk = do_base + i64 * do_sl
+        if BLOCK_K == 0:
+            qt = tl.load(q_blk + (offs_ml[None, :] * q_sl + offs_e[:, None]),
+                         mask=m_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_M]
+            zt = tl.dot(k, qt, input_precision=PRECISION)
+        else:
+            zt = _rows_dot(k_blk, k_ss, n_ok, q_blk, q_sl, m_ok, E, BLOCK_N, BLOCK_M, BLOCK_E,
+                           BLOCK_K, PRECISION)
+        zt = zt * scale  # [BLOCK_N, BLOCK_M]
+        if MASK_KIND != 0:
+            zt = _scores_mask(zt, mask_blk + i64 * m_sl, m_sl, n_ok, m_ok, BLOCK_N, BLOCK_M,
+                              MASK_KIND, True)
+        if DIAG:
+            zt = tl.where(offs_n[:, None] <= offs_m[None, :], zt, float("-inf"))
+        lse = tl.load(lse_base + i64 + offs_ml, mask=m_ok, other=float("inf"))
+        pt = tl.math.exp2((zt - lse[None, :]) * 1.4426950408889634)  # 0 where lse = +inf
+        if BLOCK_K == 0:
+            do = tl.load(do_blk + (offs_ml[:, None] * do_sl + offs_ev[None, :]),
+                         mask=m_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_EV]
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            dpt = _rows_dot(v_blk, v_ss, n_ok, do_blk, do_sl, m_ok, Ev, BLOCK_N, BLOCK_M,
+                            BLOCK_EV, BLOCK_K, PRECISION)
+            do = tl.load(do_blk + (offs_ml[:, None] * do_sl + offs_cv[None, :]),
+                         mask=m_ok[:, None] & (offs_cv[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_CV]
+        di = tl.load(delta_base + i64 + offs_ml, mask=m_ok, other=0.0)  # [BLOCK_M]
+        if DROPOUT:
+            keep = dropout_keep((idx_base + (i64 + offs_ml) * S)[None, :], offs_n[:, None],
+                                dropout_p, seed_lo, seed_hi, off_lo, off_hi)
+            pdt = tl.where(keep, pt * out_scale, 0.0).to(do.dtype)
+            dpt = tl.where(keep, dpt * out_scale, 0.0)
+        else:
+            pdt = pt.to(do.dtype)
+        dst = pt * (dpt - di[None, :])  # [BLOCK_N, BLOCK_M] dz transposed (pt, dpt die here)
+        dv += tl.dot(pdt, do, input_precision=PRECISION)
+        if BLOCK_K == 0:
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        else:
+            q = tl.load(q_blk + (offs_ml[:, None] * q_sl + offs_ce[None, :]),
+                        mask=m_ok[:, None] & (offs_ce[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_CE]
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                   bh0, Hq, Hkv, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb,
+                   v_sh, v_ss, m_sb, m_sh, m_sl, do_sb, do_sh, do_sl, scale, dropout_p,
+                   out_scale, seed_lo, seed_hi, off_lo, off_hi, len_key,
+                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_EV: tl.constexpr, BLOCK_CE: tl.constexpr, BLOCK_CV: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (key block, bh0 + y = b * Hkv + kv head, z): grad_k (B, Hkv, S, E) and grad_v
+    (B, Hkv, S, Ev) rows of its keys, columns [z * BLOCK_CE, ...) and [z * BLOCK_CV, ...)
+    (all of the padded head dims but for float32)."""
+    j0 = tl.program_id(0) * BLOCK_N
+    bhk = bh0 + tl.program_id(1)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_nl = tl.arange(0, BLOCK_N)
+    offs_n = j0 + offs_nl  # [BLOCK_N]
+    n_ok = offs_n < S
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    b64, hk64, j64 = b.to(tl.int64), hk.to(tl.int64), tl.cast(j0, tl.int64)
+    k_blk = k_ptr + b64 * k_sb + hk64 * k_sh + j64 * k_ss
+    v_blk = v_ptr + b64 * v_sb + hk64 * v_sh + j64 * v_ss
+    if BLOCK_K == 0:  # the key / value block stays in registers
+        k = tl.load(k_blk + (offs_nl[:, None] * k_ss + offs_e[None, :]),
+                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_E]
+        v = tl.load(v_blk + (offs_nl[:, None] * v_ss + offs_ev[None, :]),
+                    mask=n_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_N, BLOCK_EV]
+    else:
+        k = 0  # read in chunks by _rows_dot
+        v = 0
+    offs_ce = tl.program_id(2) * BLOCK_CE + tl.arange(0, BLOCK_CE)
+    offs_cv = tl.program_id(2) * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    dk = tl.zeros([BLOCK_N, BLOCK_CE], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_CV], tl.float32)
+    if CAUSAL:
+        lo = j0 // BLOCK_M * BLOCK_M  # the first query block that sees a key of the block
+        diag = tl.minimum(tl.cdiv(j0 + BLOCK_N, BLOCK_M) * BLOCK_M, L)  # blocks that mask
+    else:
+        lo = 0
+        diag = 0
+    for g in range(group):  # the group's query heads, in order
+        h64 = hk64 * group + g
+        bh = b64 * Hq + h64
+        q_base = q_ptr + b64 * q_sb + h64 * q_sh
+        do_base = do_ptr + b64 * do_sb + h64 * do_sh
+        mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + j64
+        idx_base = bh * L * S  # dropout index of (i, j) = idx_base + i * S + j
+        if CAUSAL:
+            dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
+                                 lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
+                                 lo, diag, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, scale,
+                                 dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
+                                 offs_ce, offs_cv, True, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                                 BLOCK_K, PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
+                             lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
+                             tl.maximum(lo, diag), L, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
+                             scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
+                             offs_ce, offs_cv, False, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                             BLOCK_K, PRECISION)
+    row0 = bhk.to(tl.int64) * S + j0  # first row of the block in the contiguous gradients
+    tl.store(dk_ptr + row0 * E + (offs_nl[:, None] * E + offs_ce[None, :]),
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_ce[None, :] < E))
+    tl.store(dv_ptr + row0 * Ev + (offs_nl[:, None] * Ev + offs_cv[None, :]),
+             dv.to(dv_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_cv[None, :] < Ev))
+
+
+# ---- dQ (and dz) ------------------------------------------------------------------------------
+
+@triton.jit
+def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m, m_ok,
+              row_idx, lo, hi, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale, dropout_p,
+              out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, MASKED: tl.constexpr,
+              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              WANT_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Key blocks [lo, hi) of one query block: updates dq [BLOCK_M, BLOCK_CE] (float32, not yet
+    scaled; columns offs_ce) and stores dz when WANT_DZ (and offs_ce starts at 0). MASKED: mask keys >= S and, under CAUSAL, keys past
+    each query."""
+    offs_ml = tl.arange(0, BLOCK_M)
+    offs_nl = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    for j0 in range(lo, hi, BLOCK_N):
+        j64 = tl.cast(j0, tl.int64)  # (the interpreter gives a Python int)
+        offs_n = j0 + offs_nl
+        n_ok = offs_n < S
+        k_blk = k_base + j64 * k_ss
+        v_blk = v_base + j64 * v_ss
+        if BLOCK_K == 0:
+            kt = tl.load(k_blk + (offs_nl[None, :] * k_ss + offs_e[:, None]),
+                         mask=n_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
+            vt = tl.load(v_blk + (offs_nl[None, :] * v_ss + offs_ev[:, None]),
+                         mask=n_ok[None, :] & (offs_ev[:, None] < Ev), other=0.0)  # [BLOCK_EV, BLOCK_N]
+            z = tl.dot(q, kt, input_precision=PRECISION)
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+        else:
+            z = _rows_dot(q_blk, q_sl, m_ok, k_blk, k_ss, n_ok, E, BLOCK_M, BLOCK_N, BLOCK_E,
+                          BLOCK_K, PRECISION)
+            dp = _rows_dot(do_blk, do_sl, m_ok, v_blk, v_ss, n_ok, Ev, BLOCK_M, BLOCK_N,
+                           BLOCK_EV, BLOCK_K, PRECISION)
+        z = z * scale  # [BLOCK_M, BLOCK_N]
+        if MASK_KIND != 0:
+            z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, n_ok, BLOCK_M, BLOCK_N, MASK_KIND,
+                             False)
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            z = tl.where(keep, z, float("-inf"))
+        p = tl.math.exp2((z - lse[:, None]) * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            keep_d = dropout_keep(row_idx[:, None], offs_n[None, :], dropout_p, seed_lo,
+                                  seed_hi, off_lo, off_hi)
+            dp = tl.where(keep_d, dp * out_scale, 0.0)
+        ds = p * (dp - di[:, None])
+        if WANT_DZ:
+            tl.store(dz_blk + j64 + (offs_ml[:, None] * S + offs_nl[None, :]), ds,
+                     mask=m_ok[:, None] & n_ok[None, :] & (tl.program_id(2) == 0))
+        if BLOCK_K == 0:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        else:
+            k = tl.load(k_blk + (offs_nl[:, None] * k_ss + offs_ce[None, :]),
+                        mask=n_ok[:, None] & (offs_ce[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_CE]
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dz_ptr, bh0,
+                 Hq, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                 m_sb, m_sh, m_sl, do_sb, do_sh, do_sl, scale, dropout_p, out_scale,
+                 seed_lo, seed_hi, off_lo, off_hi, len_key, MASK_KIND: tl.constexpr,
+                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WANT_DZ: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_EV: tl.constexpr, BLOCK_CE: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Program (query block, bh0 + y = b * Hq + h, z): grad_q (B, Hq, L, E) rows of its
+    queries, columns [z * BLOCK_CE, (z + 1) * BLOCK_CE) (all of the padded E but for float32),
+    and (z = 0) their rows of dz (B, Hq, L, S) when WANT_DZ."""
+    i0 = tl.program_id(0) * BLOCK_M
+    bh = bh0 + tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    offs_ml = tl.arange(0, BLOCK_M)
+    offs_m = i0 + offs_ml
+    m_ok = offs_m < L
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    b64, h64, hk64, i64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), tl.cast(i0, tl.int64)
+    q_blk = q_ptr + b64 * q_sb + h64 * q_sh + i64 * q_sl
+    do_blk = do_ptr + b64 * do_sb + h64 * do_sh + i64 * do_sl
+    if BLOCK_K == 0:  # the query and output-gradient blocks stay in registers
+        q = tl.load(q_blk + (offs_ml[:, None] * q_sl + offs_e[None, :]),
+                    mask=m_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_E]
+        do = tl.load(do_blk + (offs_ml[:, None] * do_sl + offs_ev[None, :]),
+                     mask=m_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_EV]
+    else:
+        q = 0  # read in chunks by _rows_dot
+        do = 0
+    row0 = bh.to(tl.int64) * L + i0  # first row of the block in lse, D, dq and dz
+    lse = tl.load(lse_ptr + row0 + offs_ml, mask=m_ok, other=float("inf"))
+    di = tl.load(delta_ptr + row0 + offs_ml, mask=m_ok, other=0.0)
+    k_base = k_ptr + b64 * k_sb + hk64 * k_sh
+    v_base = v_ptr + b64 * v_sb + hk64 * v_sh
+    mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + i64 * m_sl
+    dz_blk = dz_ptr + row0 * S
+    row_idx = (row0 + offs_ml) * S  # [BLOCK_M] dropout index of (i, 0)
+    offs_ce = tl.program_id(2) * BLOCK_CE + tl.arange(0, BLOCK_CE)
+    dq = tl.zeros([BLOCK_M, BLOCK_CE], tl.float32)
+    if CAUSAL:
+        end = tl.minimum(S, i0 + BLOCK_M)
+        full = tl.minimum(S, i0 + 1) // BLOCK_N * BLOCK_N
+    else:
+        end = S
+        full = S // BLOCK_N * BLOCK_N
+    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
+                   m_ok, row_idx, 0, full, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale,
+                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, False,
+                   MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                   BLOCK_K, PRECISION)
+    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
+                   m_ok, row_idx, full, end, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale,
+                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, True,
+                   MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                   BLOCK_K, PRECISION)
+    if WANT_DZ and CAUSAL:  # noqa: SIM102 (constexpr, then run-time) keys past the last query
+        if tl.program_id(2) == 0:  # dz = 0 there
+            offs_nl = tl.arange(0, BLOCK_N)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for j0 in range(full + tl.cdiv(end - full, BLOCK_N) * BLOCK_N, S, BLOCK_N):
+                tl.store(dz_blk + tl.cast(j0, tl.int64)
+                         + (offs_ml[:, None] * S + offs_nl[None, :]), zeros,
+                         mask=m_ok[:, None] & (j0 + offs_nl < S)[None, :])
+    tl.store(dq_ptr + row0 * E + (offs_ml[:, None] * E + offs_ce[None, :]),
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_ce[None, :] < E))
