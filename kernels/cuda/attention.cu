@@ -1,0 +1,85 @@
+// fastattn::sdpa / sdpa_backward for CUDA tensors: argument checks (fastattn/attention_host.h,
+// then the CUDA kernels' own limits: float16 / bfloat16, E == Ev in {32, 64, 96, 128, 256}),
+// 16-byte readable inputs (a contiguous copy otherwise), output allocation, and the launch of the
+// kernels in attention_forward.cu / attention_backward.cu (design: attention_common.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "attention_common.cuh"
+#include "fastattn/alloc.h"
+
+namespace fastattn::cuda::attn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> sdpa_cuda(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v,
+                                             const std::optional<at::Tensor>& mask, double scale,
+                                             bool is_causal, double dropout_p, int64_t seed,
+                                             int64_t offset) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttnInputs in = prepare_attention("sdpa", q, k, v, mask, scale, is_causal, dropout_p, seed, offset);
+  check_cuda_attention("sdpa", in);
+  align_inputs(in);
+  auto [out, lse] = new_attention_outputs(in);  // out (B, Hq, L, Ev), lse (B, Hq, L)
+  const AttnForwardArgs a{in.q.data_ptr(),
+                          in.k.data_ptr(),
+                          in.v.data_ptr(),
+                          in.mask.defined() ? in.mask.data_ptr() : nullptr,
+                          out.data_ptr(),
+                          lse.data_ptr<float>(),
+                          in.g,
+                          to_attn_dtype(in.q.scalar_type())};
+  attention_forward_cuda(a, c10::cuda::getCurrentCUDAStream());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    double scale, bool is_causal, double dropout_p, int64_t seed, int64_t offset,
+    bool want_grad_mask) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  AttnInputs in = prepare_attention("sdpa_backward", q, k, v, mask, scale, is_causal, dropout_p,
+                                    seed, offset);
+  check_attention_backward(in, grad_out, out, lse);
+  check_cuda_attention("sdpa_backward", in);
+  align_inputs(in);
+  const AttnGeometry& g = in.g;
+  const at::Tensor dO = aligned16(grad_out.contiguous());  // (B, Hq, L, Ev)
+  const at::Tensor O = aligned16(out.contiguous());        // (B, Hq, L, Ev)
+  const at::Tensor lse_c = lse.contiguous();               // (B, Hq, L)
+  at::Tensor grad_q = new_output({g.B, g.Hq, g.L, g.E}, in.q.options());
+  at::Tensor grad_k = new_output({g.B, g.Hkv, g.S, g.E}, in.q.options());
+  at::Tensor grad_v = new_output({g.B, g.Hkv, g.S, g.Ev}, in.q.options());
+  const auto f32 = in.q.options().dtype(at::kFloat);
+  at::Tensor grad_mask =
+      want_grad_mask ? new_output({g.B, g.Hq, g.L, g.S}, f32) : at::empty({0}, f32);
+  at::Tensor delta = at::empty({g.B, g.Hq, g.L}, f32);  // D = rowsum(grad_out * out) scratch
+  const AttnBackwardArgs a{dO.data_ptr(),
+                           in.q.data_ptr(),
+                           in.k.data_ptr(),
+                           in.v.data_ptr(),
+                           O.data_ptr(),
+                           lse_c.data_ptr<float>(),
+                           in.mask.defined() ? in.mask.data_ptr() : nullptr,
+                           grad_q.data_ptr(),
+                           grad_k.data_ptr(),
+                           grad_v.data_ptr(),
+                           want_grad_mask ? grad_mask.data_ptr<float>() : nullptr,
+                           g,
+                           to_attn_dtype(in.q.scalar_type())};
+  attention_backward_cuda(a, delta.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  return {grad_q, grad_k, grad_v, grad_mask};
+}
+
+}  // namespace
+}  // namespace fastattn::cuda::attn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("sdpa", &fastattn::cuda::attn::sdpa_cuda);
+  m.impl("sdpa_backward", &fastattn::cuda::attn::sdpa_backward_cuda);
+}
