@@ -10,10 +10,13 @@ Conventions:
     practical memory ceiling; rows report their GB/s as a percentage of it.
   * A ratio vs a baseline is baseline_time / impl_time: > 1 means the impl is faster.
   * Errors are max |out - ref| against a float64 reference computed from the same inputs.
+  * Peak memory (`peak_memory_bytes`): the most allocated at once during one call beyond what
+    was allocated before it (CUDA allocator stats; on CPU PyTorch's allocator events).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -21,6 +24,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -244,6 +248,45 @@ def matmul_flops(m: int, n: int, k: int) -> int:
     return 2 * m * n * k
 
 
+def attention_flops(B: int, H: int, L: int, S: int, E: int, Ev: int, causal: bool = False,
+                    mode: str = "fwd") -> int:
+    """FLOPs of scaled dot-product attention with B batches, H query heads, L queries, S keys,
+    head dims E (q, k) and Ev (v); GQA counts the query heads (H = Hq).
+
+    forward  = 2 * B * H * P * (E + Ev): Q K^T (2 * E per score) and P V (2 * Ev per score),
+               over P score pairs (i, j); softmax, scale and mask are not counted.
+               P = L * S without causal masking; masks (float or bool) count as dense, as a
+               kernel computes every score of a masked row.
+               causal (top-left aligned: key j attends query i when j <= i):
+                 L == S: P = L * S / 2 (half, the convention of FlashAttention's and PyTorch's
+                         benchmarks; the exact count L (L + 1) / 2 is larger by 1 / L);
+                 L != S: P = the exact number of unmasked pairs, sum_i min(i + 1, S) =
+                         L (L + 1) / 2 when L <= S, S (S + 1) / 2 + (L - S) S when L > S.
+    fwd+bwd  = forward * 3.5: the backward is 2.5 forwards (recompute Q K^T, then dV = P^T dO,
+               dP = dO V^T, dQ = dS K, dK = dS^T Q: five matmuls of the forward's size, 2.5x),
+               rounded down to an integer.
+    mode: "fwd" or "fwd+bwd"."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"attention_flops: mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+    if not causal:
+        pairs2 = 2 * L * S  # twice the number of score pairs (keeps L * S / 2 an integer)
+    elif L == S:
+        pairs2 = L * S
+    elif L <= S:
+        pairs2 = L * (L + 1)
+    else:
+        pairs2 = S * (S + 1) + 2 * (L - S) * S
+    fwd = B * H * pairs2 * (E + Ev)
+    return fwd if mode == "fwd" else 7 * fwd // 2
+
+
+def attention_scores_bytes(B: int, H: int, L: int, S: int, itemsize: int = 4) -> int:
+    """Bytes of one materialized (B, H, L, S) score / probability matrix: B*H*L*S*itemsize.
+    An unfused attention holds at least one (usually two: scores and probabilities, and the
+    probabilities again for backward); a fused kernel holds none."""
+    return B * H * L * S * itemsize
+
+
 def gbs(num_bytes: int, ms: float | None) -> float | None:
     """Achieved bandwidth in GB/s (10^9 bytes/s) for num_bytes moved in ms milliseconds."""
     return None if not ms else num_bytes / (ms * 1e-3) / 1e9
@@ -274,3 +317,64 @@ def peak_bandwidth_gbs(device: str | torch.device) -> float:
 def max_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
     """max |out - ref64| with out upcast to float64 (NaN if out has a NaN)."""
     return (out.to(torch.float64) - ref64).abs().max().item()
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null inside the block (the profiler's C++ start/stop
+    log lines cannot be turned off from Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # stable: same-time events keep order
+        current += e.nbytes()  # > 0 allocation, < 0 free
+        peak = max(peak, current)
+    return peak
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device) -> int | None:
+    """Peak extra memory while one `fn()` call runs, in bytes: the most that was allocated at
+    any moment beyond what was allocated before the call (outputs, gradients, tensors saved for
+    backward and freed temporaries all count; fn's result is dropped before returning).
+
+    CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() before the call
+          (peak stats reset first): every allocation through PyTorch's caching allocator.
+    CPU:  the running sum of the allocation and free events of PyTorch's CPU allocator that
+          torch.profiler records with profile_memory=True, in time order, and its maximum.
+          It sees every tensor (torch.empty / at::empty / Inductor's buffers, any thread the
+          profiler follows) but not scratch a kernel takes from malloc or the stack directly
+          (std::vector, thread-local buffers): a lower bound for such kernels. None when the
+          profiler cannot record memory here. The call runs under the profiler: only its
+          memory is read, never its time."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        return _cpu_peak_bytes(fn)
+    except (RuntimeError, AttributeError):  # profiler without memory events / kineto results
+        return None

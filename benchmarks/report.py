@@ -50,6 +50,7 @@ class Row:
     p80_ms: float | None = None
     note: str = ""
     mask_header: str = "mask"  # the mask column's title in tables ("params" for norm rows)
+    peak_mib: float | None = None  # peak extra memory of one call, MiB (common.peak_memory_bytes)
 
 
 def _fmt(v, spec: str) -> str:
@@ -59,19 +60,26 @@ def _fmt(v, spec: str) -> str:
 def _columns(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     baselines = list(dict.fromkeys(k for r in rows for k in r.ratios))
     show_tflops = any(r.tflops is not None for r in rows)
+    show_gbs = any(r.gbs is not None for r in rows) or not show_tflops  # compute-bound: FLOP/s
+    show_peak_mem = any(r.peak_mib is not None for r in rows)
     show_note = any(r.note for r in rows)
+    # Row.tflops is always in TFLOP/s; tables of CPU rows show it as GFLOP/s (x 1000)
+    giga = show_tflops and all(r.device == "cpu" for r in rows if r.tflops is not None)
     titles = {r.mask_header for r in rows}
-    head = ["shape", "dtype", titles.pop() if len(titles) == 1 else "mask", "impl", "median ms",
-            "GB/s", "% peak"]
-    head += ["TFLOP/s"] * show_tflops + [f"vs {b}" for b in baselines]
-    head += ["max err", "threads"] + ["note"] * show_note
+    head = ["shape", "dtype", titles.pop() if len(titles) == 1 else "mask", "impl", "median ms"]
+    head += ["GB/s", "% peak"] * show_gbs
+    head += ["GFLOP/s" if giga else "TFLOP/s"] * show_tflops + [f"vs {b}" for b in baselines]
+    head += ["max err"] + ["peak MiB"] * show_peak_mem + ["threads"] + ["note"] * show_note
     body = []
     for r in rows:
-        cells = [r.shape, r.dtype, r.mask, r.impl, _fmt(r.median_ms, ".4f"), _fmt(r.gbs, ".1f"),
-                 _fmt(r.pct_of_peak, ".0f")]
-        cells += [_fmt(r.tflops, ".2f")] * show_tflops
+        cells = [r.shape, r.dtype, r.mask, r.impl, _fmt(r.median_ms, ".4f")]
+        cells += [_fmt(r.gbs, ".1f"), _fmt(r.pct_of_peak, ".0f")] * show_gbs
+        if show_tflops:
+            cells.append(_fmt(None if r.tflops is None else r.tflops * 1e3, ".1f") if giga
+                         else _fmt(r.tflops, ".2f"))
         cells += [_fmt(r.ratios.get(b), ".2f") for b in baselines]
-        cells += [_fmt(r.max_err, ".1e"), _fmt(r.threads, "d")] + [r.note] * show_note
+        cells += [_fmt(r.max_err, ".1e")] + [_fmt(r.peak_mib, ".1f")] * show_peak_mem
+        cells += [_fmt(r.threads, "d")] + [r.note] * show_note
         body.append(cells)
     return head, body
 
@@ -200,7 +208,12 @@ def _markdown(rows: list[Row], meta: dict) -> str:
         "over the outputs and the gradients). GB/s: minimal "
         "bytes moved / time (formulas: benchmarks/common.py); % peak > 100: the working set "
         "stayed in cache.",
-    ]
+    ] + (["",  # only where some row measured memory (attention)
+        "TFLOP/s (GFLOP/s in CPU tables): FLOPs of the op's formula (common.attention_flops) / "
+        "time. peak MiB: the most memory allocated at once during one call beyond what was "
+        "allocated before it (common.peak_memory_bytes: CUDA max_memory_allocated; CPU the "
+        "PyTorch CPU allocator's events under torch.profiler, which miss scratch a kernel "
+        "takes from malloc directly)."] if any(r.peak_mib is not None for r in rows) else [])
     lines += ["", "Summary (speed ratios, > 1: fastattn faster):", ""]
     lines += [f"- {line}" for line in summarize(rows)]
     for op in dict.fromkeys(r.op for r in rows):

@@ -1,12 +1,13 @@
 """The `fastattn` command line: `fastattn bench ...` and `fastattn info`.
 
-    fastattn bench [--ops softmax norm ...] [--device cpu|cuda|auto] [--quick] [--threads N]
-                   [--out DIR] [--stem NAME] [--no-save]
+    fastattn bench [--ops softmax norm attention ...] [--device cpu|cuda|auto] [--quick]
+                   [--threads N] [--out DIR] [--stem NAME] [--no-save]
     fastattn info
     python -m fastattn.cli bench --device cpu --quick --no-save
 
 Benchmarks live in the package fastattn.benchmarks (benchmarks/ in the repository, one
-bench_<op>.py per op, each with run(device, quick) -> list[Row]). Run from a checkout without
+bench_<op>.py per op, each with run(device, quick) -> list[Row]; an op may also be named by
+an alias, BENCH_ALIASES: `--ops sdpa` runs bench_attention). Run from a checkout without
 installing (PYTHONPATH=<repo>), they are imported as the top-level package `benchmarks`.
 Nothing heavy is imported until a command runs.
 """
@@ -38,6 +39,10 @@ def _benchmarks_package() -> ModuleType:
                          "the repository root with PYTHONPATH=.)") from None
 
 
+# Other names `fastattn bench --ops` accepts for an op's benchmark module bench_<op>.
+BENCH_ALIASES = {"sdpa": "attention"}
+
+
 def _bench_ops(pkg: ModuleType) -> list[str]:
     """Ops with a bench_<op> module in the benchmarks package."""
     names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
@@ -56,10 +61,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     common = importlib.import_module(pkg.__name__ + ".common")
     report = importlib.import_module(pkg.__name__ + ".report")
     known = _bench_ops(pkg)
-    ops = _split(args.ops) if args.ops else known
+    ops = [BENCH_ALIASES.get(op, op) for op in _split(args.ops)] if args.ops else known
+    ops = list(dict.fromkeys(ops))  # `--ops attention sdpa` runs it once
     unknown = [op for op in ops if op not in known]
     if unknown:
-        print(f"fastattn bench: no benchmark for {unknown}; known ops: {known}", file=sys.stderr)
+        aliases = ", ".join(f"{a} = {o}" for a, o in BENCH_ALIASES.items())
+        print(f"fastattn bench: no benchmark for {unknown}; known ops: {known} (aliases: "
+              f"{aliases})", file=sys.stderr)
         return 2
     device = common.resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -135,7 +143,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("CUDA: not available")
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available()
-    for op in ("softmax", "layer_norm", "rms_norm"):  # add_* ops use their norm's backends
+    for op in ("softmax", "layer_norm", "rms_norm", "sdpa"):  # add_*: their norm's backends
         for dev in devices:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 names = fastattn.available_backends(op, dev, dtype)
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark ops against PyTorch baselines")
     bench.add_argument("--ops", nargs="+", metavar="OP",
-                       help="ops to benchmark, space or comma separated (default: all)")
+                       help="ops to benchmark, space or comma separated (default: all; "
+                            "sdpa = attention)")
     bench.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"],
                        help="auto = cuda when a GPU is visible, else cpu (default)")
     bench.add_argument("--quick", action="store_true", help="a small subset of the cases")

@@ -4,7 +4,8 @@ and the fused rows it reports stay within the test tolerance of the float64 refe
 import pytest
 import torch
 
-from fastattn.benchmarks import bench_norm, bench_softmax, report
+from fastattn.benchmarks import bench_attention, bench_norm, bench_softmax, report
+from fastattn.benchmarks.common import attention_flops
 from tolerances import FLOOR, RATIO
 
 
@@ -54,3 +55,57 @@ def test_norm_benchmark_rows(case, tmp_path):
             fused, eager)
     paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_attention_flops_formula():
+    """forward 2*B*H*P*(E + Ev) over P score pairs; causal: half when L == S, the exact
+    count of unmasked (top-left) pairs otherwise; fwd+bwd 3.5x forward."""
+    assert attention_flops(2, 3, 5, 7, 11, 13, False, "fwd") == 2 * 2 * 3 * 5 * 7 * 24
+    assert attention_flops(1, 1, 8, 8, 4, 4, True, "fwd") == 2 * 32 * 8
+    assert attention_flops(1, 1, 3, 5, 1, 1, True, "fwd") == 2 * (1 + 2 + 3) * 2  # L < S
+    assert attention_flops(1, 1, 5, 3, 1, 1, True, "fwd") == 2 * (1 + 2 + 3 + 3 + 3) * 2  # L > S
+    assert attention_flops(1, 2, 1, 2048, 64, 64, False, "fwd+bwd") == (
+        7 * attention_flops(1, 2, 1, 2048, 64, 64, False, "fwd") // 2)
+
+
+def test_attention_benchmark_cases():
+    full, quick = bench_attention.cases("cpu"), bench_attention.cases("cpu", quick=True)
+    assert len({c.id for c in full}) == len(full)
+    for cs in (full, quick):
+        assert {c.mask for c in cs} == set(bench_attention.MASKS)
+        assert any(c.gqa for c in cs) and any(c.L == 1 for c in cs)
+    assert {c.dtype for c in full} == {torch.float32, torch.bfloat16}
+    assert len({c.id for c in bench_attention.cases("cuda")}) == len(bench_attention.cases("cuda"))
+
+
+@pytest.mark.parametrize("case", [
+    bench_attention.Case(1, 4, 64, 64, 32, torch.float32, "causal"),
+    bench_attention.Case(2, 4, 48, 40, 16, torch.bfloat16, "float", kv_heads=2)],
+    ids=lambda c: c.id)
+def test_attention_benchmark_rows(case, tmp_path):
+    """One small case per dtype, both modes, tiny time budgets (no compile: seconds). The
+    fastattn rows are whatever fused_backends picks here (the reference math until a fused
+    CPU kernel is built)."""
+    cpu = torch.device("cpu")
+    fused = [f"fastattn:{b}" for b in bench_attention.fused_backends(cpu, case.dtype)]
+    rows = bench_attention.run_case(case, cpu, baselines=("eager",), warmup=1, rep=2)
+    assert [(r.op, r.impl) for r in rows] == [(f"attention {m}", impl)
+                                              for m in bench_attention.MODES
+                                              for impl in fused + ["eager"]]
+    inputs = bench_attention.make_inputs(case, "cpu")
+    chunks = bench_attention.reference64(case, inputs, bench_attention.make_grad_out(case, "cpu"))
+    for mode in bench_attention.MODES:
+        mine = {r.impl: r for r in rows if r.op == f"attention {mode}"}
+        eager = mine.pop("eager")
+        assert eager.median_ms > 0 and eager.tflops > 0 and not eager.ratios
+        names = ["out"] if mode == "fwd" else ["out", "grad_q", "grad_k", "grad_v"]
+        scale = max(1.0, max(c[n].abs().max().item() for c in chunks for n in names))
+        ulps = 1 if mode == "fwd" else 2  # as tolerances.py: gradients get two ulps
+        for r in mine.values():
+            assert r.median_ms > 0 and r.tflops > 0 and set(r.ratios) == {"eager"}
+            assert r.peak_mib is not None and r.peak_mib >= 0
+            assert r.max_err <= RATIO * eager.max_err + ulps * FLOOR[case.dtype] * scale, (
+                r, eager)
+    paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    assert "peak MiB" in paths[1].read_text()
