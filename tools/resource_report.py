@@ -224,11 +224,11 @@ def attention_plan(module) -> list[dict]:
     compiled at every bucket (its head-dim chunk loops make ptxas's register allocation vary
     with the head dims instead of growing with them), with dropout and the float32 mask. Plus
     a bool mask in fp16 and is_causal in float32 at one config per kernel, and
-    _attn_bwd_delta at every BLOCK_EV. Head dims, lengths and strides carry the
-    divisible-by-16 hint Triton's launcher gives them in the common case (head dims 64, 80,
-    96, 128, ...; contiguous rows)."""
-    ints = ("L", "S", "E", "Ev", "q_sb", "q_sh", "q_sl", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh",
-            "v_ss", "m_sb", "m_sh", "m_sl", "do_sb", "do_sh", "do_sl", "o_sb", "o_sh", "o_sl")
+    _attn_bwd_delta at every BLOCK_EV. Head dims and strides carry the divisible-by-16 hint
+    Triton's launcher gives them in the common case (head dims 64, 80, 96, 128, ...; the mask
+    rows the launcher pads to 16); the lengths L and S do not (any length: the heavier case)."""
+    ints = ("E", "Ev", "q_sb", "q_sh", "q_sl", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh", "v_ss",
+            "m_sb", "m_sh", "m_sl", "m_cols", "do_sb", "do_sh", "do_sl", "o_sb", "o_sh", "o_sl")
 
     def make(name, cfg, x, mask, kind, causal, dropout, bucket):
         kernel = module._KERNELS[name]

@@ -159,7 +159,8 @@ def _dense_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_inputs(op: str, q, k, v, mask, scale: float, is_causal: bool, dropout_p: float):
-    """Checked inputs with stride(-1) == 1 and the mask kind."""
+    """Checked q, k, v, mask with stride(-1) == 1 (and small enough row strides), the mask kind
+    and the mask's readable columns per row (_aligned_rows)."""
     dt = q.dtype
     torch._check(dt in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"{op}: query must be float32, float16 or bfloat16, got {dt}")
@@ -191,7 +192,7 @@ def _check_inputs(op: str, q, k, v, mask, scale: float, is_causal: bool, dropout
     torch._check(math.isfinite(scale), lambda: f"{op}: scale must be finite, got {scale}")
     torch._check(0.0 <= dropout_p < 1.0,
                  lambda: f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    kind = MASK_NONE
+    kind, m_cols = MASK_NONE, 0
     if mask is not None:
         torch._check(not is_causal, lambda: f"{op}: pass either a mask or is_causal, not both")
         torch._check(mask.device == q.device,
@@ -203,13 +204,30 @@ def _check_inputs(op: str, q, k, v, mask, scale: float, is_causal: bool, dropout
                      lambda: f"{op}: the operator takes a mask of shape (B, Hq, L, S) = "
                              f"{(B, Hq, L, S)} (broadcast dims as stride 0), got "
                              f"{list(mask.shape)}")
-        mask = _rows_fit(_dense_last(mask))
+        mask, m_cols = _aligned_rows(_rows_fit(_dense_last(mask)))
         torch._check(mask.stride(2) * MAX_BLOCK_ROWS < ROW_OFFSET_LIMIT,
                      lambda: f"{op}: mask rows of {mask.stride(2)} elements are too long for "
                              f"the Triton kernels' 32-bit block offsets")
         kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADD
     return (_rows_fit(_dense_last(q)), _rows_fit(_dense_last(k)), _rows_fit(_dense_last(v)),
-            mask, kind)
+            mask, kind, m_cols)
+
+
+def _aligned_rows(m: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mask, m_cols): the mask, or when its row stride or S is not a multiple of 16 a copy of
+    its distinct elements in rows padded to a multiple of 16 (broadcast dims keep stride 0),
+    viewed back as (B, Hq, L, S); m_cols: the columns a kernel may read in each row (S, or the
+    padded length, a multiple of 16: the padding is read on the last key block and discarded).
+    Unaligned rows or a per-column bound that is no multiple of 16 make the mask loads scalar,
+    and the largest tiles then spill (seen with tools/resource_report.py)."""
+    B, H, L, S = m.shape
+    if (m.stride(2) % 16 == 0 and S % 16 == 0) or m.numel() == 0:
+        return m, S
+    cols = -(-S // 16) * 16
+    distinct = m[tuple(slice(0, 1) if m.stride(d) == 0 else slice(None) for d in range(3))]
+    rows = torch.empty((*distinct.shape[:3], cols), dtype=m.dtype, device=m.device)
+    rows[..., :S].copy_(distinct)
+    return rows[..., :S].expand(B, H, L, S), cols
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -267,7 +285,7 @@ def sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     """Triton twin of fastattn::sdpa -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L)
     float32), both contiguous."""
     op = "fastattn.sdpa_triton"
-    q, k, v, mask, kind = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
+    q, k, v, mask, kind, m_cols = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
     B, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
     out = _new_output((B, Hq, L, Ev), q.dtype, q.device)
@@ -280,7 +298,7 @@ def sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     flags.update(cols)
     args = (q, k, v, mask if mask is not None else q, out, lse)
     tail = (Hq, Hq // Hkv, L, S, E, Ev, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(mask), scale, 1.0 / (1.0 - dropout_p), dropout_p,
+            *_strides(mask), m_cols, scale, 1.0 / (1.0 - dropout_p), dropout_p,
             *_seed_args(seed, offset), _len_key(L, S))
     for bh0, n in _y_chunks(B * Hq):
         if q.device.type != "cuda":  # the interpreter: one small fixed config
@@ -320,7 +338,7 @@ def sdpa_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """Triton twin of fastattn::sdpa_backward -> (grad_q, grad_k, grad_v contiguous in q's
     dtype; grad_mask = dz (B, Hq, L, S) float32 when want_grad_mask, else empty (0,))."""
     op = "fastattn.sdpa_backward_triton"
-    q, k, v, mask, kind = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
+    q, k, v, mask, kind, m_cols = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
     B, Hq, L, E = q.shape
     Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
     do, out, lse = _check_backward(op, grad_out, out, lse, q, Ev)
@@ -344,7 +362,7 @@ def sdpa_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                 out, do, delta, bh0, Hq, L, Ev, *_strides(out), *_strides(do), BLOCK_M=rows,
                 BLOCK_EV=head_block(Ev), num_warps=DELTA_WARPS)
     flags = _flags(q, Ev, kind, is_causal, dropout_p)
-    common = (L, S, E, Ev, *_strides(q), *_strides(k), *_strides(v), *_strides(mask),
+    common = (L, S, E, Ev, *_strides(q), *_strides(k), *_strides(v), *_strides(mask), m_cols,
               *_strides(do), scale, dropout_p, 1.0 / (1.0 - dropout_p),
               *_seed_args(seed, offset), _len_key(L, S))
     mask_arg = mask if mask is not None else q

@@ -59,10 +59,10 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, bh0, Hq, L, Ev, o_sb, o_sh, o_sl, 
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base, delta_base,
                 offs_n, n_ok, idx_base, lo, hi, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
-                scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, offs_cv, DIAG: tl.constexpr, MASK_KIND: tl.constexpr,
-                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
-                PRECISION: tl.constexpr):
+                m_cols, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
+                offs_cv, DIAG: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """Query blocks [lo, hi) of one head against one key block: updates dk [BLOCK_N, BLOCK_CE]
     and dv [BLOCK_N, BLOCK_CV] (float32, dk not yet scaled; columns offs_ce / offs_cv). DIAG:
     mask keys past each query (causal blocks on the diagonal)."""
@@ -76,29 +76,32 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
         q_blk = q_base + i64 * q_sl
         do_blk = do_base + i64 * do_sl
         if BLOCK_K == 0:
+            # [BLOCK_E, BLOCK_M]
             qt = tl.load(q_blk + (offs_ml[None, :] * q_sl + offs_e[:, None]),
-                         mask=m_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_M]
+                         mask=m_ok[None, :] & (offs_e[:, None] < E), other=0.0)
             zt = tl.dot(k, qt, input_precision=PRECISION)
         else:
             zt = _rows_dot(k_blk, k_ss, n_ok, q_blk, q_sl, m_ok, E, BLOCK_N, BLOCK_M, BLOCK_E,
                            BLOCK_K, PRECISION)
         zt = zt * scale  # [BLOCK_N, BLOCK_M]
         if MASK_KIND != 0:
-            zt = _scores_mask(zt, mask_blk + i64 * m_sl, m_sl, n_ok, m_ok, BLOCK_N, BLOCK_M,
-                              MASK_KIND, True)
+            zt = _scores_mask(zt, mask_blk + i64 * m_sl, m_sl, offs_n < m_cols, m_ok, BLOCK_N,
+                              BLOCK_M, MASK_KIND, True, True)
         if DIAG:
             zt = tl.where(offs_n[:, None] <= offs_m[None, :], zt, float("-inf"))
         lse = tl.load(lse_base + i64 + offs_ml, mask=m_ok, other=float("inf"))
         pt = tl.math.exp2((zt - lse[None, :]) * 1.4426950408889634)  # 0 where lse = +inf
         if BLOCK_K == 0:
+            # [BLOCK_M, BLOCK_EV]
             do = tl.load(do_blk + (offs_ml[:, None] * do_sl + offs_ev[None, :]),
-                         mask=m_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_EV]
+                         mask=m_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         else:
             dpt = _rows_dot(v_blk, v_ss, n_ok, do_blk, do_sl, m_ok, Ev, BLOCK_N, BLOCK_M,
                             BLOCK_EV, BLOCK_K, PRECISION)
+            # [BLOCK_M, BLOCK_CV]
             do = tl.load(do_blk + (offs_ml[:, None] * do_sl + offs_cv[None, :]),
-                         mask=m_ok[:, None] & (offs_cv[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_CV]
+                         mask=m_ok[:, None] & (offs_cv[None, :] < Ev), other=0.0)
         di = tl.load(delta_base + i64 + offs_ml, mask=m_ok, other=0.0)  # [BLOCK_M]
         if DROPOUT:
             keep = dropout_keep((idx_base + (i64 + offs_ml) * S)[None, :], offs_n[:, None],
@@ -112,8 +115,9 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
         if BLOCK_K == 0:
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         else:
+            # [BLOCK_M, BLOCK_CE]
             q = tl.load(q_blk + (offs_ml[:, None] * q_sl + offs_ce[None, :]),
-                        mask=m_ok[:, None] & (offs_ce[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_CE]
+                        mask=m_ok[:, None] & (offs_ce[None, :] < E), other=0.0)
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
@@ -121,7 +125,7 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
 @triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                    bh0, Hq, Hkv, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb,
-                   v_sh, v_ss, m_sb, m_sh, m_sl, do_sb, do_sh, do_sl, scale, dropout_p,
+                   v_sh, v_ss, m_sb, m_sh, m_sl, m_cols, do_sb, do_sh, do_sl, scale, dropout_p,
                    out_scale, seed_lo, seed_hi, off_lo, off_hi, len_key,
                    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -170,16 +174,16 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk
         if CAUSAL:
             dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
                                  lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
-                                 lo, diag, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, scale,
-                                 dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
-                                 offs_ce, offs_cv, True, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
-                                 BLOCK_K, PRECISION)
+                                 lo, diag, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, m_cols,
+                                 scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
+                                 offs_ce, offs_cv, True, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N,
+                                 BLOCK_E, BLOCK_EV, BLOCK_K, PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
                              lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
                              tl.maximum(lo, diag), L, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
-                             scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
-                             offs_ce, offs_cv, False, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
-                             BLOCK_K, PRECISION)
+                             m_cols, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo,
+                             off_hi, offs_ce, offs_cv, False, MASK_KIND, DROPOUT, BLOCK_M,
+                             BLOCK_N, BLOCK_E, BLOCK_EV, BLOCK_K, PRECISION)
     row0 = bhk.to(tl.int64) * S + j0  # first row of the block in the contiguous gradients
     tl.store(dk_ptr + row0 * E + (offs_nl[:, None] * E + offs_ce[None, :]),
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_ce[None, :] < E))
@@ -191,15 +195,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk
 
 @triton.jit
 def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m, m_ok,
-              row_idx, lo, hi, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale, dropout_p,
+              row_idx, lo, hi, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols, scale, dropout_p,
               out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, MASKED: tl.constexpr,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               WANT_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
               PRECISION: tl.constexpr):
     """Key blocks [lo, hi) of one query block: updates dq [BLOCK_M, BLOCK_CE] (float32, not yet
-    scaled; columns offs_ce) and stores dz when WANT_DZ (and offs_ce starts at 0). MASKED: mask keys >= S and, under CAUSAL, keys past
-    each query."""
+    scaled; columns offs_ce) and stores dz when WANT_DZ (by the programs of column block 0).
+    MASKED: mask keys >= S and, under CAUSAL, keys past each query."""
     offs_ml = tl.arange(0, BLOCK_M)
     offs_nl = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
@@ -211,10 +215,12 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
         k_blk = k_base + j64 * k_ss
         v_blk = v_base + j64 * v_ss
         if BLOCK_K == 0:
+            # [BLOCK_E, BLOCK_N]
             kt = tl.load(k_blk + (offs_nl[None, :] * k_ss + offs_e[:, None]),
-                         mask=n_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
+                         mask=n_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+            # [BLOCK_EV, BLOCK_N]
             vt = tl.load(v_blk + (offs_nl[None, :] * v_ss + offs_ev[:, None]),
-                         mask=n_ok[None, :] & (offs_ev[:, None] < Ev), other=0.0)  # [BLOCK_EV, BLOCK_N]
+                         mask=n_ok[None, :] & (offs_ev[:, None] < Ev), other=0.0)
             z = tl.dot(q, kt, input_precision=PRECISION)
             dp = tl.dot(do, vt, input_precision=PRECISION)
         else:
@@ -224,8 +230,8 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
                            BLOCK_EV, BLOCK_K, PRECISION)
         z = z * scale  # [BLOCK_M, BLOCK_N]
         if MASK_KIND != 0:
-            z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, n_ok, BLOCK_M, BLOCK_N, MASK_KIND,
-                             False)
+            z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, offs_n < m_cols, BLOCK_M, BLOCK_N,
+                             MASK_KIND, False, MASKED)
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -237,14 +243,17 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
                                   seed_hi, off_lo, off_hi)
             dp = tl.where(keep_d, dp * out_scale, 0.0)
         ds = p * (dp - di[:, None])
-        if WANT_DZ:
-            tl.store(dz_blk + j64 + (offs_ml[:, None] * S + offs_nl[None, :]), ds,
-                     mask=m_ok[:, None] & n_ok[None, :] & (tl.program_id(2) == 0))
+        if WANT_DZ:  # (unmasked blocks: no per-column predicate, so the stores vectorize)
+            dz_ok = m_ok[:, None] & (tl.program_id(2) == 0)
+            if MASKED:
+                dz_ok = dz_ok & n_ok[None, :]
+            tl.store(dz_blk + j64 + (offs_ml[:, None] * S + offs_nl[None, :]), ds, mask=dz_ok)
         if BLOCK_K == 0:
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
         else:
+            # [BLOCK_N, BLOCK_CE]
             k = tl.load(k_blk + (offs_nl[:, None] * k_ss + offs_ce[None, :]),
-                        mask=n_ok[:, None] & (offs_ce[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_CE]
+                        mask=n_ok[:, None] & (offs_ce[None, :] < E), other=0.0)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
@@ -252,7 +261,7 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
 @triton.jit
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dz_ptr, bh0,
                  Hq, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                 m_sb, m_sh, m_sl, do_sb, do_sh, do_sl, scale, dropout_p, out_scale,
+                 m_sb, m_sh, m_sl, m_cols, do_sb, do_sh, do_sl, scale, dropout_p, out_scale,
                  seed_lo, seed_hi, off_lo, off_hi, len_key, MASK_KIND: tl.constexpr,
                  CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WANT_DZ: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -299,15 +308,15 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_p
         end = S
         full = S // BLOCK_N * BLOCK_N
     dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
-                   m_ok, row_idx, 0, full, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale,
-                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, False,
-                   MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
-                   BLOCK_K, PRECISION)
+                   m_ok, row_idx, 0, full, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols,
+                   scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
+                   False, MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
+                   BLOCK_EV, BLOCK_K, PRECISION)
     dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
-                   m_ok, row_idx, full, end, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, scale,
-                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, True,
-                   MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
-                   BLOCK_K, PRECISION)
+                   m_ok, row_idx, full, end, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols,
+                   scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
+                   True, MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
+                   BLOCK_EV, BLOCK_K, PRECISION)
     if WANT_DZ and CAUSAL:  # noqa: SIM102 (constexpr, then run-time) keys past the last query
         if tl.program_id(2) == 0:  # dz = 0 there
             offs_nl = tl.arange(0, BLOCK_N)

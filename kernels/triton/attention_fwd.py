@@ -103,16 +103,22 @@ def _rows_dot(x_blk, x_s, x_ok, y_blk, y_s, y_ok, D, R: tl.constexpr, C: tl.cons
 
 @triton.jit
 def _scores_mask(z, mask_blk, m_sl, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr,
-                 MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr):
+                 MASK_KIND: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_COLS: tl.constexpr):
     """The mask applied to a score tile z [ROWS, COLS] (queries x keys, or keys x queries when
-    TRANSPOSED); mask element (query a, key b) of the block at mask_blk + a * m_sl + b."""
+    TRANSPOSED); mask element (query a, key b) of the block at mask_blk + a * m_sl + b.
+    CHECK_COLS=False: every column is in range (no per-column predicate, so the loads along
+    the keys vectorize whatever S is)."""
     offs_r = tl.arange(0, ROWS)
     offs_c = tl.arange(0, COLS)
     if TRANSPOSED:
         offs = offs_c[None, :] * m_sl + offs_r[:, None]
     else:
         offs = offs_r[:, None] * m_sl + offs_c[None, :]
-    mv = tl.load(mask_blk + offs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+    if CHECK_COLS:
+        ok = row_ok[:, None] & col_ok[None, :]
+    else:
+        ok = row_ok[:, None]
+    mv = tl.load(mask_blk + offs, mask=ok, other=0)
     if MASK_KIND == 1:
         return tl.where(mv != 0, z, float("-inf"))
     return z + mv.to(tl.float32)
@@ -122,7 +128,7 @@ def _scores_mask(z, mask_blk, m_sl, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl
 
 @triton.jit
 def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, offs_cv, row_idx,
-               lo, hi, S, E, Ev, q_sl, k_ss, v_ss, m_sl, scale, dropout_p, seed_lo, seed_hi,
+               lo, hi, S, E, Ev, q_sl, k_ss, v_ss, m_sl, m_cols, scale, dropout_p, seed_lo, seed_hi,
                off_lo, off_hi, MASKED: tl.constexpr, MASK_KIND: tl.constexpr,
                CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -138,16 +144,17 @@ def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, 
         n_ok = offs_n < S
         k_blk = k_base + j64 * k_ss
         if BLOCK_K == 0:
+            # [BLOCK_E, BLOCK_N]
             kt = tl.load(k_blk + (offs_nl[None, :] * k_ss + offs_e[:, None]),
-                         mask=n_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
+                         mask=n_ok[None, :] & (offs_e[:, None] < E), other=0.0)
             z = tl.dot(q, kt, input_precision=PRECISION)
         else:
             z = _rows_dot(q_blk, q_sl, m_ok, k_blk, k_ss, n_ok, E, BLOCK_M, BLOCK_N, BLOCK_E,
                           BLOCK_K, PRECISION)
         z = z * scale  # [BLOCK_M, BLOCK_N] float32
         if MASK_KIND != 0:
-            z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, n_ok, BLOCK_M, BLOCK_N, MASK_KIND,
-                             False)
+            z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, offs_n < m_cols, BLOCK_M, BLOCK_N,
+                             MASK_KIND, False, MASKED)
         if MASKED:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -171,7 +178,7 @@ def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, 
 
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, bh0, Hq, group, L, S, E, Ev,
-              q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, m_sb, m_sh, m_sl,
+              q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, m_sb, m_sh, m_sl, m_cols,
               scale, out_scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, len_key,
               MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -213,13 +220,14 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, bh0, Hq, group, L
         end = S
         full = S // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok,
-                               offs_cv, row_idx, 0, full, S, E, Ev, q_sl, k_ss, v_ss, m_sl, scale,
-                               dropout_p, seed_lo, seed_hi, off_lo, off_hi, False, MASK_KIND,
+                               offs_cv, row_idx, 0, full, S, E, Ev, q_sl, k_ss, v_ss, m_sl, m_cols,
+                               scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, False, MASK_KIND,
                                CAUSAL, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, PRECISION)
     acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok,
-                               offs_cv, row_idx, full, end, S, E, Ev, q_sl, k_ss, v_ss, m_sl, scale,
-                               dropout_p, seed_lo, seed_hi, off_lo, off_hi, True, MASK_KIND,
-                               CAUSAL, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, PRECISION)
+                               offs_cv, row_idx, full, end, S, E, Ev, q_sl, k_ss, v_ss, m_sl,
+                               m_cols, scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, True,
+                               MASK_KIND, CAUSAL, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
+                               PRECISION)
 
     has = l_i > 0.0  # a row without any unmasked key: out 0, lse +inf
     inv = tl.where(has, out_scale / tl.where(has, l_i, 1.0), 0.0)
