@@ -50,30 +50,32 @@ DELTA_WARPS = 4
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class ("16": fp16 / bf16, "32":
 # float32 with full-precision FMA dots), head bucket (max(BLOCK_E, BLOCK_EV)) and dropout.
-# Chosen with tools/resource_report.py (sm_80 and sm_90, an additive float32 mask, dq writing
-# dz): the largest tiles that neither spill nor exceed shared memory. Dropout's Philox state
-# (four words per score) needs smaller score tiles; float32 FMA dots need small ones throughout.
-_FP32 = {"fwd": [(32, 32, 4, 2), (16, 32, 4, 2)], "dkdv": [(32, 32, 4, 1)],
+# Chosen with tools/resource_report.py (sm_80 and sm_90; an additive float32 mask with dq
+# writing dz, and is_causal; lengths not multiples of 16): the larger tiles among those that
+# neither spill nor exceed shared memory. Dropout's Philox state (four words per score) needs
+# smaller score tiles; float32 FMA dots need small ones throughout. One config where no second
+# one passed.
+_FP32 = {"fwd": [(32, 32, 4, 1), (32, 16, 4, 2)], "dkdv": [(32, 32, 4, 1)],
          "dq": [(16, 32, 4, 2), (64, 32, 8, 2)]}
 _CONFIGS = {
     ("fwd", "16", 64, False): [(128, 64, 4, 3), (64, 64, 4, 3)],
     ("fwd", "16", 128, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", "16", 256, False): [(64, 64, 8, 2), (64, 32, 8, 2)],
-    ("fwd", "16", 64, True): [(64, 32, 4, 3), (64, 64, 8, 3)],
-    ("fwd", "16", 128, True): [(64, 32, 4, 3), (64, 64, 8, 3)],
+    ("fwd", "16", 64, True): [(64, 32, 8, 3), (64, 64, 8, 3)],
+    ("fwd", "16", 128, True): [(64, 32, 8, 3), (64, 64, 8, 3)],
     ("fwd", "16", 256, True): [(64, 32, 8, 2), (32, 32, 4, 2)],
     ("dkdv", "16", 64, False): [(16, 128, 8, 2), (16, 64, 4, 2)],
     ("dkdv", "16", 128, False): [(16, 64, 8, 2), (32, 32, 8, 2)],
-    ("dkdv", "16", 256, False): [(16, 64, 8, 3), (16, 32, 8, 2)],
+    ("dkdv", "16", 256, False): [(16, 32, 8, 2)],
     ("dkdv", "16", 64, True): [(16, 64, 8, 2), (32, 32, 8, 2)],
     ("dkdv", "16", 128, True): [(16, 64, 8, 2), (32, 32, 8, 2)],
     ("dkdv", "16", 256, True): [(16, 32, 8, 2)],
     ("dq", "16", 64, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
-    ("dq", "16", 128, False): [(64, 32, 8, 2), (64, 64, 8, 2)],
+    ("dq", "16", 128, False): [(64, 32, 8, 2)],
     ("dq", "16", 256, False): [(32, 32, 4, 2), (64, 32, 8, 2)],
     ("dq", "16", 64, True): [(64, 32, 8, 2)],
     ("dq", "16", 128, True): [(64, 32, 8, 2)],
-    ("dq", "16", 256, True): [(32, 32, 4, 2)],
+    ("dq", "16", 256, True): [(32, 32, 8, 2), (16, 32, 8, 2)],
     **{(kernel, "32", bucket, dropout): cfgs for kernel, cfgs in _FP32.items()
        for bucket in (64, 128, 256) for dropout in (False, True)},
 }
@@ -225,8 +227,8 @@ def _aligned_rows(m: torch.Tensor) -> tuple[torch.Tensor, int]:
         return m, S
     cols = -(-S // 16) * 16
     distinct = m[tuple(slice(0, 1) if m.stride(d) == 0 else slice(None) for d in range(3))]
-    rows = torch.empty((*distinct.shape[:3], cols), dtype=m.dtype, device=m.device)
-    rows[..., :S].copy_(distinct)
+    rows = torch.zeros((*distinct.shape[:3], cols), dtype=m.dtype, device=m.device)
+    rows[..., :S].copy_(distinct)  # (zero padding: finite scores for the keys past S)
     return rows[..., :S].expand(B, H, L, S), cols
 
 
