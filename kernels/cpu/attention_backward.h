@@ -64,11 +64,12 @@ struct KvPass {
   static constexpr bool kMask = !std::is_same_v<M, std::nullptr_t>;
   const AttnBackwardArgs& a;
   const float* D;
+  const float* R;  // null, or per row 1 / sum_j p_ij (see pass b's kRowSum)
   int64_t E, Ev, Ep, Evp, L, S, BN, group;
   Dropout drop;
 
-  KvPass(const AttnBackwardArgs& args, const float* d)
-      : a(args), D(d), E(args.g.E), Ev(args.g.Ev), Ep(round_up(E, kV)), Evp(round_up(Ev, kV)),
+  KvPass(const AttnBackwardArgs& args, const float* d, const float* r)
+      : a(args), D(d), R(r), E(args.g.E), Ev(args.g.Ev), Ep(round_up(E, kV)), Evp(round_up(Ev, kV)),
         L(args.g.L), S(args.g.S), BN(kBwdKeys),
         group(args.g.Hkv > 0 ? args.g.Hq / args.g.Hkv : 0), drop(make_dropout(args.g)) {}
 
@@ -90,7 +91,7 @@ struct KvPass {
     const T* v = static_cast<const T*>(a.v) + b * g.v_sb + hk * g.v_sh + j0 * g.v_ss;
     float *kt = w.kt.get(), *vt = w.vt.get(), *s = w.s.get(), *dp = w.dp.get();
     float *dk = w.dk.get(), *dv = w.dv.get();
-    pack_transposed(k, g.k_ss, bn, E, kt, BN, nvj * kV);   // kt: E x BN
+    if (L > kV) pack_transposed(k, g.k_ss, bn, E, kt, BN, nvj * kV);  // kt: E x BN
     pack_transposed(v, g.v_ss, bn, Ev, vt, BN, nvj * kV);  // vt: Ev x BN
     int64_t ldk = 0;
     const float* kf = dq ? rows_f32(k, g.k_ss, bn, E, Ep, w.kb.get(), &ldk) : nullptr;
@@ -105,6 +106,7 @@ struct KvPass {
       const T* doh = static_cast<const T*>(a.grad_out) + bh * L * Ev;
       const float* lse = a.lse + bh * L;
       const float* Dh = D + bh * L;
+      const float* Rh = R ? R + bh * L : nullptr;
       float* gm = dq && a.grad_mask ? a.grad_mask + bh * L * S + j0 : nullptr;
       float* dqh = dq ? dq + (h - hk * group) * L * Ep : nullptr;
       const M* mask = nullptr;
@@ -117,13 +119,17 @@ struct KvPass {
         int64_t ldq, lddo;
         const float* qf = rows_f32(qh + i0 * g.q_sl, g.q_sl, bm, E, Ep, w.qb.get(), &ldq);
         const float* dof = rows_f32(doh + i0 * Ev, Ev, bm, Ev, Evp, w.dob.get(), &lddo);
-        tile_gemm(bm, nvj, E, qf, ldq, 1, kt, BN, s, BN, false, kKC);     // s  = Q_blk . Kt
+        if (L <= kV) {  // s = Q_blk . K_blk^T as the forward summed it (see attention_forward.h)
+          dot_scores(qf, ldq, bm, k, g.k_ss, bn, E, s, BN);
+        } else {
+          tile_gemm(bm, nvj, E, qf, ldq, 1, kt, BN, s, BN, false, kKC);  // s = Q_blk . Kt
+        }
         tile_gemm(bm, nvj, Ev, dof, lddo, 1, vt, BN, dp, BN, false);  // dP = dO_blk . Vt
         for (int64_t i = 0; i < bm; ++i) {
           const int64_t qi = i0 + i;
           // keys [0, keep) of the block are visible to query qi (the rest: padding or causal)
           const int64_t keep = g.is_causal ? std::clamp<int64_t>(qi - j0 + 1, 0, bn) : bn;
-          const Vec lse_i(lse[qi]), D_i(Dh[qi]);
+          const Vec lse_i(lse[qi]), D_i(Dh[qi]), r_i(Rh ? Rh[qi] : 1.f);
           const uint64_t idx0 = static_cast<uint64_t>((bh * L + qi) * S + j0);
           float* srow = s + i * BN;
           float* dprow = dp + i * BN;
@@ -139,7 +145,8 @@ struct KvPass {
               z = z + mask_vec(mask + qi * g.m_sl + jj, std::min<int64_t>(kV, bn - jj));
             }
             z = keep_first(z, ninf, cnt);
-            const Vec p = fast_exp(z - lse_i);
+            Vec p = fast_exp(z - lse_i);
+            if (Rh) p = p * r_i;
             Vec pz = p, dpz = Vec::loadu(dprow + jj);
             if (drop.on) {
               const Vec f = dropout_factors(drop, idx0 + jj, 1);
@@ -172,8 +179,8 @@ struct KvPass {
 
 // Split mode, pass a: one task per key block of one (batch, kv head).
 template <typename T, typename M>
-void attention_backward_kv(const AttnBackwardArgs& a, const float* D) {
-  const KvPass<T, M> pass(a, D);
+void attention_backward_kv(const AttnBackwardArgs& a, const float* D, const float* R) {
+  const KvPass<T, M> pass(a, D, R);
   const int64_t nkb = ceil_div(a.g.S, pass.BN), BHk = a.g.B * a.g.Hkv;
   // Task order: the first key blocks (the costliest under is_causal) first.
   run_tasks(nkb * BHk, [&] { return pass.scratch_for(false); },
@@ -186,8 +193,8 @@ void attention_backward_kv(const AttnBackwardArgs& a, const float* D) {
 // Fused mode: one task per (batch, kv head) walks its key blocks in order and accumulates the
 // group's dQ in float32 (5 products per score tile instead of 7 in split mode).
 template <typename T, typename M>
-void attention_backward_fused(const AttnBackwardArgs& a, const float* D) {
-  const KvPass<T, M> pass(a, D);
+void attention_backward_fused(const AttnBackwardArgs& a, const float* D, const float* R) {
+  const KvPass<T, M> pass(a, D, R);
   const AttnGeometry& g = a.g;
   const int64_t nkb = ceil_div(g.S, pass.BN), BHk = g.B * g.Hkv, Ep = pass.Ep, E = g.E;
   const int64_t dq_size = pass.group * g.L * Ep;
@@ -213,11 +220,13 @@ void attention_backward_fused(const AttnBackwardArgs& a, const float* D) {
             });
 }
 
-// Pass b: grad_q and grad_mask. kRowSum: instead, D_i = sum_j p_ij Z_ij dP_ij into D (the
-// same algebraic D as rowsum(dO * O), but summed from the very p and dP that form dS, so that
-// sum_j dS_ij cancels to rounding: the accurate D for grad_mask, at the cost of this pass).
+// Pass b: grad_q and grad_mask. kRowSum: instead, for grad_mask (dS itself an output), the row
+// sums P_i = sum_j p_ij and D_i = sum_j p_ij Z_ij dP_ij from the very p and dP that form dS,
+// stored as R_i = 1 / P_i and D_i / P_i: every pass then uses p / P_i, normalized to the
+// rounding of these sums (not of lse), so that sum_j dS_ij cancels to rounding (the gradient of
+// a mask broadcast along the keys is such a sum, and its exact value is often 0).
 template <typename T, typename M, bool kRowSum>
-void attention_backward_q(const AttnBackwardArgs& a, float* D) {
+void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
   constexpr bool kMask = !std::is_same_v<M, std::nullptr_t>;
   const AttnGeometry& g = a.g;
   const int64_t E = g.E, Ev = g.Ev, Ep = round_up(E, kV);
@@ -229,13 +238,13 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D) {
   const Vec vscale(g.scale), ninf(kNegInf);
 
   struct Scratch {
-    std::unique_ptr<float[]> qt, dot, kb, vb, st, dpt, mt, dq, lse, d;
+    std::unique_ptr<float[]> qt, dot, kb, vb, st, dpt, mt, dq, lse, d, r;
   };
   auto init = [&] {
     return Scratch{scratch(E * kBM), scratch(Ev * kBM),  scratch(BN * Ep),
                    scratch(BN * Ev), scratch(BN * kBM),  scratch(BN * kBM),
                    scratch(kMask ? BN * kBM : 0),        scratch(kBM * Ep),
-                   scratch(kBM),     scratch(kBM)};
+                   scratch(kBM),     scratch(kBM),  scratch(kBM)};
   };
 
   auto task = [&](Scratch& w, int64_t t) {
@@ -252,12 +261,14 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D) {
     }
     float *qt = w.qt.get(), *dot = w.dot.get(), *st = w.st.get(), *dpt = w.dpt.get();
     float *mt = w.mt.get(), *dq = w.dq.get(), *lsev = w.lse.get(), *dv = w.d.get();
+    float* rv = w.r.get();  // kRowSum: accumulates P; else 1 / P (or 1)
     pack_transposed(q, g.q_sl, bm, E, qt, kBM, nvi * kV);    // qt:  E x kBM
     pack_transposed(dO, Ev, bm, Ev, dot, kBM, nvi * kV);     // dOt: Ev x kBM
     // padding lanes: lse +inf gives p = 0 there
     for (int64_t i = 0; i < kBM; ++i) {
       lsev[i] = i < bm ? a.lse[bh * L + i0 + i] : kPosInf;
       dv[i] = i < bm && !kRowSum ? D[bh * L + i0 + i] : 0.f;  // kRowSum: accumulates D
+      rv[i] = kRowSum ? 0.f : (R && i < bm ? R[bh * L + i0 + i] : 1.f);
     }
     std::fill(dq, dq + kBM * Ep, 0.f);
     float* gm = a.grad_mask && !kRowSum ? a.grad_mask + (bh * L + i0) * S : nullptr;
@@ -282,10 +293,12 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D) {
           Vec p = fast_exp(z - Vec::loadu(lsev + vi * kV));
           Vec dpz = Vec::loadu(dpt + off);
           if constexpr (kRowSum) {
+            (Vec::loadu(rv + vi * kV) + p).store(rv + vi * kV);
             if (drop.on) p = p * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
             at::vec::fmadd(p, dpz, Vec::loadu(dv + vi * kV)).store(dv + vi * kV);
             continue;
           }
+          if (R) p = p * Vec::loadu(rv + vi * kV);
           if (drop.on) dpz = dpz * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
           (p * (dpz - Vec::loadu(dv + vi * kV))).store(dpt + off);
         }
@@ -299,7 +312,11 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D) {
       if (!kRowSum) tile_gemm(bm, Ep / kV, bn, dpt, 1, kBM, kf, ldk, dq, Ep, true);  // dQ += dS.K
     }
     if constexpr (kRowSum) {
-      std::copy(dv, dv + bm, D + bh * L + i0);
+      for (int64_t i = 0; i < bm; ++i) {
+        const float P = rv[i];  // 0: no unmasked key (then D is 0 too)
+        R[bh * L + i0 + i] = P > 0.f ? 1.f / P : 0.f;
+        D[bh * L + i0 + i] = P > 0.f ? dv[i] / P : 0.f;
+      }
       return;
     }
     if (gm && j_end < S) {
@@ -320,6 +337,7 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D) {
 inline bool use_fused_backward(const AttnGeometry& g) {
   const int64_t tasks = g.B * g.Hkv, threads = std::max<int64_t>(1, at::get_num_threads());
   if (tasks == 0 || g.S == 0) return false;
+  if (g.L <= kV) return true;  // pass b has no dot_scores path (and little work here)
   const int64_t rounds = ceil_div(tasks, threads);
   const int64_t dq_bytes = std::min(tasks, threads) * (g.Hq / g.Hkv) * g.L * round_up(g.E, kV) * 4;
   return 4 * tasks >= 3 * rounds * threads && dq_bytes <= (int64_t{256} << 20);
@@ -328,18 +346,19 @@ inline bool use_fused_backward(const AttnGeometry& g) {
 template <typename T, typename M>
 void attention_backward_typed(const AttnBackwardArgs& a) {
   const AttnGeometry& g = a.g;
-  std::unique_ptr<float[]> D = scratch(g.B * g.Hq * g.L);
-  if (a.grad_mask) {  // dS itself is an output: D summed from p and dP (see pass b)
-    attention_backward_q<T, M, true>(a, D.get());
+  std::unique_ptr<float[]> D = scratch(g.B * g.Hq * g.L), R;
+  if (a.grad_mask) {  // dS itself is an output: D and R summed from p and dP (see pass b)
+    R = scratch(g.B * g.Hq * g.L);
+    attention_backward_q<T, M, true>(a, D.get(), R.get());
   } else {
     attention_row_dot<T>(a, D.get());
   }
   if (use_fused_backward(g)) {
-    attention_backward_fused<T, M>(a, D.get());
+    attention_backward_fused<T, M>(a, D.get(), R.get());
     return;
   }
-  attention_backward_kv<T, M>(a, D.get());
-  attention_backward_q<T, M, false>(a, D.get());
+  attention_backward_kv<T, M>(a, D.get(), R.get());
+  attention_backward_q<T, M, false>(a, D.get(), R.get());
 }
 
 }  // namespace

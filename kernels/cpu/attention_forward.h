@@ -15,7 +15,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 
 #include "attention_tile.h"
 
@@ -41,7 +40,6 @@ inline Vec vec_max(const Vec& a, const Vec& b) {
 // resident next to the packed queries; measured on AVX-512, 1 thread, L = S = 1024: E = 64 best
 // at 96 keys (15.1 ms against 15.7 at 128), E = 128 at 64, E = 16 flat from 64 to 128).
 inline int64_t key_block(int64_t E, int64_t Ev) {
-  if (const char* env = std::getenv("FASTATTN_TUNE_BN")) return std::atoll(env);  // TUNING ONLY
   const int64_t per_key = 4 * (E + Ev + kBM);
   return std::clamp<int64_t>(round_up(72 * 1024 / per_key, 16), 48, 128);
 }
@@ -110,16 +108,20 @@ void attention_forward_typed(const AttnForwardArgs& a) {
     if (bm <= kV) {
       // A block of at most one vector of queries (decoding, short L): queries along the lanes
       // would leave most lanes idle, so here the keys go along the lanes (s: bm x BNr) and the
-      // softmax runs along each row. (Every path sums q . k as the same chain of fused
-      // multiply-adds over e, so the backward recomputes bit-identical scores: p = exp(z - lse)
-      // stays consistent with lse even where |z| is large.)
+      // softmax runs along each row. (The backward recomputes bit-identical scores, so that
+      // p = exp(z - lse) stays consistent with lse even where |z| is large: for L <= kV both
+      // use dot_scores, else both sum each q . k as tile_gemm's chains of multiply-adds.)
       int64_t ldq;
       const float* qf = rows_f32(q, g.q_sl, bm, E, E, qt, &ldq);
       for (int64_t j0 = 0; j0 < j_end; j0 += BNr) {
         const int64_t bn = std::min(BNr, j_end - j0), nvj = ceil_div(bn, kV);
         int64_t ldv;
         const float* vf = rows_f32(v + j0 * g.v_ss, g.v_ss, bn, Ev, Evp, w.vb.get(), &ldv);
-        scores_keys_on_lanes(qf, ldq, bm, k + j0 * g.k_ss, g.k_ss, bn, E, st, BNr);
+        if (L <= kV) {  // a short sequence: accurate dot products (the backward's too)
+          dot_scores(qf, ldq, bm, k + j0 * g.k_ss, g.k_ss, bn, E, st, BNr);
+        } else {  // the last rows of a longer one: the chains the backward forms
+          scores_keys_on_lanes(qf, ldq, bm, k + j0 * g.k_ss, g.k_ss, bn, E, st, BNr);
+        }
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st + i * BNr;
           // keys [0, keep) of the block are visible to query i0 + i (the rest: padding, causal)
@@ -256,15 +258,15 @@ void attention_forward_typed(const AttnForwardArgs& a) {
       }
     }
 
-    // out = o / l, lse = m + log(l); l == 0: out 0, lse +inf
+    // out = o / l (a division: rounded once), lse = m + log(l); l == 0: out 0, lse +inf
     T* out = static_cast<T*>(a.out) + (bh * L + i0) * Ev;
     float* lse = a.lse + bh * L + i0;
     for (int64_t i = 0; i < bm; ++i) {
       const float l = lrow[i];
-      const Vec inv(l > 0.f ? 1.f / l : 0.f);
+      const Vec vl(l > 0.f ? l : kPosInf);  // o / inf = 0 for a row without unmasked keys
       for (int64_t e = 0; e < Ev; e += kV) {
         const int64_t n = std::min<int64_t>(kV, Ev - e);
-        store_f32(out + i * Ev + e, Vec::loadu(o + i * Evp + e) * inv, n);
+        store_f32(out + i * Ev + e, Vec::loadu(o + i * Evp + e) / vl, n);
       }
       lse[i] = l > 0.f ? mrow[i] + std::log(l) : kPosInf;
     }
