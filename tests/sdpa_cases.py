@@ -69,7 +69,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device, requires_grad: bool = Fa
     if case.mask in ("bool", "float", "float-grad"):
         shape = case.mask_shape or (*case.batch, case.Hq, case.L, case.S)
         keep = torch.rand(shape, device=device) < 0.75
-        if case.masked_rows and shape[-2] > 1:
+        if case.masked_rows and len(shape) >= 2 and shape[-2] > 1:
             keep[..., ::3, :] = False  # every third query row (of the mask) fully masked
         if case.mask == "bool":
             mask = keep
