@@ -16,7 +16,8 @@ KERNEL_SOURCES := setup.py $(shell find kernels -name '*.cpp' -o -name '*.cu' -o
 
 $(VENV)/.deps: constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt torch setuptools wheel ninja pytest pytest-benchmark numpy
+	$(PY) -m pip install -q -c constraints.txt torch setuptools wheel ninja pytest pytest-benchmark numpy \
+		safetensors transformers
 	touch $@
 
 # Full build into the venv (editable). The log keeps the compiler output, including ptxas's

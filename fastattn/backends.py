@@ -30,8 +30,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # that decided it. softmax, layer_norm, rms_norm: no GPU run yet (this project's first GPU
 # results will decide); "cuda" until then. sdpa: the same (no GPU run yet); the CUDA kernels
 # take fp16/bf16 with head dims 32-256 (fastattn/ops/sdpa.py), everything else goes to Triton.
+# int8_linear, int4_linear, w8a8_linear, quantize_per_token_int8: no GPU run yet either; the
+# CUDA weight-only kernels run float32 activations with M > 8 as repeated GEMVs (Triton has a
+# real float32 GEMM there), which the first GPU benchmark should settle.
 GPU_PREFERENCE: dict[str, tuple[str, str]] = {
     "sdpa": ("cuda", "triton"),
+    "int8_linear": ("cuda", "triton"),
+    "int4_linear": ("cuda", "triton"),
+    "w8a8_linear": ("cuda", "triton"),
+    "quantize_per_token_int8": ("cuda", "triton"),
     "softmax": ("cuda", "triton"),
     "layer_norm": ("cuda", "triton"),
     "rms_norm": ("cuda", "triton"),

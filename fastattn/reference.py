@@ -161,3 +161,79 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         else:
             p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     return (p @ v).to(query.dtype)
+
+
+# ---- quantized linear layers (formats: fastattn/quant.py; op contract: kernels/registration.cpp) --
+
+def dequantize_int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 weight (N, K), float32 scale (N,) -> float64 (N, K) = weight * scale[:, None]."""
+    return weight.double() * scale.double()[:, None]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K/2) -> uint8 (N, K): byte j holds q[2j] in bits 0-3 and q[2j+1] in bits 4-7."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """Group-wise asymmetric int4 -> float64 (N, K): w = (q - zero[g]) * scale[g], g = k // G.
+    packed uint8 (N, K/2), scale float32 (N, K/G), zero uint8 (N, K/G)."""
+    q = unpack_int4(packed).double()                                   # (N, K)
+    z = zero.double().repeat_interleave(group_size, dim=1)             # (N, K)
+    s = scale.double().repeat_interleave(group_size, dim=1)            # (N, K)
+    return (q - z) * s
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    y = x.to(dtype) @ w.to(dtype).T
+    return y if bias is None else y + bias.to(dtype)
+
+
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, *,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """x (..., K) @ dequantized int8 weight (N, K)^T + bias, in `dtype` (float64: the exact math;
+    x's dtype: what a dequantize-then-F.linear user gets). -> (..., N)"""
+    return _linear(x, dequantize_int8_weight(weight, scale), bias, dtype)
+
+
+def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor, group_size: int, bias: torch.Tensor | None = None, *,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """x (..., K) @ dequantized int4 weight (N, K)^T + bias, in `dtype`. -> (..., N)"""
+    return _linear(x, dequantize_int4_weight(packed, scale, zero, group_size), bias, dtype)
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of x (M, K), computed in float32 exactly as the kernels do:
+    amax = max|x| per row, x_scale = amax / 127, xq = clamp(rint(x * (127 / amax)), -127, 127)
+    (round half to even; 0 where amax == 0). -> (xq int8 (M, K), x_scale float32 (M,))"""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)                                       # (M,)
+    # a true float32 division (torch computes `127.0 / tensor` as 127 * reciprocal(tensor),
+    # which is 1 ulp off in about a quarter of rows)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xf * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    return xq, amax / 127
+
+
+def int8_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                   w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """W8A8: (xq (M, K) @ weight (N, K)^T exactly in int64) * x_scale[:, None] * w_scale + bias,
+    scaled in `dtype`. -> (M, N)"""
+    acc = xq.long() @ weight.long().T                                  # (M, N), exact
+    y = acc.to(dtype) * x_scale.to(dtype)[:, None] * w_scale.to(dtype)
+    return y if bias is None else y + bias.to(dtype)
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic W8A8 reference: per-token int8 of x (..., K), then int8_scaled_mm in float64."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_per_token_int8(x2)
+    y = int8_scaled_mm(xq, x_scale, weight, w_scale, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

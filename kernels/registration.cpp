@@ -69,6 +69,36 @@ TORCH_LIBRARY(fastattn, m) {
         "Tensor? mask, float scale, bool is_causal, float dropout_p, int seed, int offset, "
         "bool want_grad_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)",
         {at::Tag::pt2_compliant_tag});
+
+  // Quantized linear layers, inference only (formats: fastattn/quant.py, FORMAT_VERSION).
+  // x: (M, K) contiguous float32/float16/bfloat16 (the Python layer flattens leading dims);
+  // K >= 1, M and N may be 0. bias: none or (N,) in x's dtype. Outputs (M, N) contiguous.
+  // Accumulation in float32 (int32 for int8 x int8); the dequantized weight is never stored.
+  //   int8_weight_linear: weight int8 (N, K) contiguous, symmetric per output channel,
+  //     scale float32 (N,):  y[m, n] = scale[n] * sum_k x[m, k] * weight[n, k] + bias[n]
+  m.def("int8_weight_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  //   int4_weight_linear: group-wise asymmetric 4-bit, group_size G in {32, 64, 128}, K % G == 0.
+  //     packed uint8 (N, K / 2) contiguous: byte j of row n holds q[n, 2j] in bits 0-3 and
+  //     q[n, 2j + 1] in bits 4-7, q in [0, 15]; scale float32 (N, K / G); zero uint8 (N, K / G)
+  //     in [0, 15]:  w[n, k] = (q[n, k] - zero[n, k / G]) * scale[n, k / G],
+  //     y = x @ w^T + bias
+  m.def("int4_weight_linear(Tensor x, Tensor packed, Tensor scale, Tensor zero, int group_size, "
+        "Tensor? bias) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  //   quantize_per_token_int8: symmetric per-row int8 of x (finite values):
+  //     amax[m] = max_k |x[m, k]| (float32), x_scale[m] = amax[m] / 127,
+  //     xq[m, k] = clamp(rint(x[m, k] * (127 / amax[m])), -127, 127) (half to even; 0 if amax == 0)
+  //     -> (xq int8 (M, K), x_scale float32 (M,))
+  m.def("quantize_per_token_int8(Tensor x) -> (Tensor xq, Tensor x_scale)",
+        {at::Tag::pt2_compliant_tag});
+  //   int8_scaled_mm (W8A8): xq int8 (M, K), x_scale float32 (M,), weight int8 (N, K),
+  //     w_scale float32 (N,), bias (N,) in out_dtype; out_dtype float32/float16/bfloat16:
+  //     y[m, n] = float(sum_k int32(xq[m, k]) * int32(weight[n, k])) * x_scale[m] * w_scale[n]
+  //               + bias[n]
+  m.def("int8_scaled_mm(Tensor xq, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // `import fastattn._C` loads this library (and so runs the registrations above).

@@ -109,3 +109,19 @@ def test_attention_benchmark_rows(case, tmp_path):
     paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert "peak MiB" in paths[1].read_text()
+
+
+def test_quant_benchmark_rows(tmp_path):
+    """One tiny case: a table per format with the fastattn row and the F.linear row of the same
+    run; errors within rounding of the quantized math; SQNR noted."""
+    from fastattn.benchmarks import bench_quant
+    case = bench_quant.Case(3, 256, 96, torch.float32)
+    rows = bench_quant.run_case(case, torch.device("cpu"), backends=["cpu"], warmup=1, rep=2)
+    assert [(r.op, r.impl) for r in rows] == [(bench_quant.TABLE[f], impl)
+                                              for f in bench_quant.FORMATS
+                                              for impl in ("fastattn:cpu", "F.linear")]
+    for fused in rows[::2]:
+        assert fused.median_ms > 0 and fused.gbs > 0 and set(fused.ratios) == {"F.linear"}
+        assert fused.max_err < 1e-5 and fused.note.startswith("SQNR")
+    paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)

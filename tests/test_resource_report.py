@@ -59,6 +59,9 @@ def triton_report(tmp_path_factory):
     return report["triton"]
 
 
+QUANT_GEMM_MODULES = ("int8_linear", "int4_linear", "w8a8")
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm80_and_sm90(triton_report):
     kernels = jit_kernels(SOFTMAX)
@@ -75,8 +78,11 @@ def test_triton_kernels_compile_for_sm80_and_sm90(triton_report):
         assert r["registers"] > 0, where
         assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, where
         assert r["shared"] <= SMEM[r["arch"]], where
-        if r["module"] != "attention":
+        if r["module"] in ("softmax", "norm"):
             assert r["wgmma"] is False, where  # softmax and the norms have no matmul
+    quant_gemms_sm90 = [r for r in triton_report if r["module"] in QUANT_GEMM_MODULES
+                        and r["arch"] == "sm_90" and r["constexprs"].get("BLOCK_M", 0) >= 64]
+    assert quant_gemms_sm90 and all(r["wgmma"] for r in quant_gemms_sm90)
 
 
 @pytest.mark.slow

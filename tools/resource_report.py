@@ -281,6 +281,18 @@ PLANS = {"softmax": softmax_plan, "norm": norm_plan,  # kernels/triton/<name>.py
          "attention": attention_plan}
 
 
+def quant_plans() -> dict:
+    """The quantized-linear kernels' plans (tools/quant_plans.py, loaded by path)."""
+    spec = importlib.util.spec_from_file_location("_quant_plans",
+                                                  Path(__file__).with_name("quant_plans.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.plans(variant)
+
+
+PLANS.update(quant_plans())
+
+
 def signature(kernel, types: dict) -> dict:
     """Triton signature: 'constexpr' for constexpr params, the plan's types, and 'i32' for
     other scalars (the launchers' ints, below 2**31)."""

@@ -12,4 +12,8 @@ enum class Isa { Default, Avx2, Avx512 };
 
 Isa cpu_isa();  // defined in kernels/cpu/isa.cpp
 
+// Whether the avx512 kernels may use AVX-512 VNNI (vpdpbusd): cpu_isa() is Avx512 and the
+// running CPU has avx512vnni. FASTATTN_NO_VNNI=1 turns it off (tests of the fallback).
+bool cpu_has_avx512_vnni();  // defined in kernels/cpu/isa.cpp
+
 }  // namespace fastattn::cpu
