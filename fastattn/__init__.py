@@ -6,6 +6,7 @@
     y = fastattn.layer_norm(x, (d,), weight, bias)
     h, s = fastattn.add_rms_norm(x, residual, (d,), weight)   # (rms_norm(x + residual), x + residual)
     report = fastattn.quantize(model, "int4", group_size=128)   # nn.Linear -> fastattn.nn.Int4Linear
+    model, report = fastattn.patch(model)      # torch.nn / Hugging Face attention and norms swapped
 
 Importing fastattn loads the operator library fastattn._C (one shared object) so that
 torch.ops.fastattn.* exist; Triton is imported only when a Triton kernel first runs.
@@ -15,14 +16,15 @@ from . import nn, reference
 from .backends import BackendError, available_backends, explain, use_backend
 from .ops import (add_layer_norm, add_rms_norm, int4_linear, int8_linear, layer_norm,
                   quantize_per_token_int8, rms_norm, sdpa, softmax, w8a8_linear)
+from .patch import PatchReport, patch, unpatch
 from .quant import QuantizeReport, load_quantized, quantize, save_quantized
 from .quant_formats import pack_int4, quantize_int4_weight, quantize_int8_weight, unpack_int4
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "QuantizeReport", "add_layer_norm", "add_rms_norm",
+__all__ = ["BackendError", "PatchReport", "QuantizeReport", "add_layer_norm", "add_rms_norm",
            "available_backends", "explain", "int4_linear", "int8_linear", "layer_norm",
-           "load_quantized", "nn", "pack_int4", "quantize", "quantize_int4_weight",
+           "load_quantized", "nn", "pack_int4", "patch", "quantize", "quantize_int4_weight",
            "quantize_int8_weight", "quantize_per_token_int8", "reference", "rms_norm",
-           "save_quantized", "sdpa", "softmax", "unpack_int4", "use_backend",
+           "save_quantized", "sdpa", "softmax", "unpack_int4", "unpatch", "use_backend",
            "w8a8_linear"]
