@@ -23,6 +23,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -154,23 +155,60 @@ inline void deinterleave_row(const T* x, float* xd, int64_t K) {
   }
 }
 
+// The sum over k runs in chunks of kGemvChunk positions whose vector partial sums are added into
+// running sums kept in memory (in registers they would spill: MR x NR accumulators already fill
+// the register file), so rounding grows with kGemvChunk / kV + K / kGemvChunk, not K / kV (with
+// 8-lane vectors and K = 4096 the plain chain was 2.9x torch's error). A multiple of every
+// group size, so an int4 group never straddles two chunks.
+constexpr int64_t kGemvChunk = 256;
+
 // res[i * NR + j] = sum_k x[i][k] * W[n0 + j][k] for i < MR, j < NR, in float32: one vector
 // accumulator per (i, j), lanes summed at the end. x: MR rows of K floats, row stride K.
 template <int MR, int NR, class L>
 FASTATTN_NOINLINE void dot_block(const float* x, int64_t K, const L& w, int64_t n0, float* res) {
   constexpr int S = L::kStep;
+  const int64_t step = S * kV, full = K - K % step;
   Vec acc[MR][NR];
+  alignas(64) float total[MR][NR][kV] = {};
+  auto flush = [&] {
+    FASTATTN_UNROLL
+    for (int i = 0; i < MR; ++i)
+      FASTATTN_UNROLL
+      for (int j = 0; j < NR; ++j) {
+        (Vec::loadu(total[i][j]) + acc[i][j]).store(total[i][j]);
+        acc[i][j] = Vec(0.f);
+      }
+  };
   FASTATTN_UNROLL
   for (int i = 0; i < MR; ++i)
     FASTATTN_UNROLL
     for (int j = 0; j < NR; ++j) acc[i][j] = Vec(0.f);
-  const int64_t step = S * kV, full = K - K % step;
-  if constexpr (std::is_same_v<L, Int4Row>) {  // group constants once per group, not per block
-    for (int64_t g0 = 0; g0 < K; g0 += w.G) {
-      Int4Table t[NR];
-      FASTATTN_UNROLL
-      for (int j = 0; j < NR; ++j) t[j] = w.table(n0 + j, g0);
-      for (int64_t k = g0; k < g0 + w.G; k += step) {
+  for (int64_t c0 = 0; c0 < full; c0 += kGemvChunk) {
+    const int64_t c1 = std::min(full, c0 + kGemvChunk);
+    if constexpr (std::is_same_v<L, Int4Row>) {  // group constants once per group, not per block
+      for (int64_t g0 = c0; g0 < c1; g0 += w.G) {
+        Int4Table t[NR];
+        FASTATTN_UNROLL
+        for (int j = 0; j < NR; ++j) t[j] = w.table(n0 + j, g0);
+        for (int64_t k = g0; k < g0 + w.G; k += step) {
+          Vec xv[MR][S];
+          FASTATTN_UNROLL
+          for (int i = 0; i < MR; ++i)
+            FASTATTN_UNROLL
+            for (int s = 0; s < S; ++s) xv[i][s] = Vec::loadu(x + i * K + k + s * kV);
+          FASTATTN_UNROLL
+          for (int j = 0; j < NR; ++j) {
+            Vec wv[S];
+            w.load(t[j], n0 + j, k, wv);
+            FASTATTN_UNROLL
+            for (int i = 0; i < MR; ++i)
+              FASTATTN_UNROLL
+              for (int s = 0; s < S; ++s) acc[i][j] = at::vec::fmadd(xv[i][s], wv[s], acc[i][j]);
+          }
+        }
+      }
+    } else {
+      for (int64_t k = c0; k < c1; k += step) {
         Vec xv[MR][S];
         FASTATTN_UNROLL
         for (int i = 0; i < MR; ++i)
@@ -179,7 +217,7 @@ FASTATTN_NOINLINE void dot_block(const float* x, int64_t K, const L& w, int64_t 
         FASTATTN_UNROLL
         for (int j = 0; j < NR; ++j) {
           Vec wv[S];
-          w.load(t[j], n0 + j, k, wv);
+          w.load(n0 + j, k, wv, kV);
           FASTATTN_UNROLL
           for (int i = 0; i < MR; ++i)
             FASTATTN_UNROLL
@@ -187,43 +225,28 @@ FASTATTN_NOINLINE void dot_block(const float* x, int64_t K, const L& w, int64_t 
         }
       }
     }
-  } else {
-    for (int64_t k = 0; k < full; k += step) {
-      Vec xv[MR][S];
+    flush();
+  }
+  if constexpr (S == 1) {
+    if (full < K) {  // the K tail (int8 only: int4 K is a multiple of the group size)
+      const int64_t r = K - full;
+      Vec xv[MR];
       FASTATTN_UNROLL
-      for (int i = 0; i < MR; ++i)
-        FASTATTN_UNROLL
-        for (int s = 0; s < S; ++s) xv[i][s] = Vec::loadu(x + i * K + k + s * kV);
+      for (int i = 0; i < MR; ++i) xv[i] = Vec::loadu(x + i * K + full, r);
       FASTATTN_UNROLL
       for (int j = 0; j < NR; ++j) {
-        Vec wv[S];
-        w.load(n0 + j, k, wv, kV);
+        Vec wv[1];
+        w.load(n0 + j, full, wv, r);
         FASTATTN_UNROLL
-        for (int i = 0; i < MR; ++i)
-          FASTATTN_UNROLL
-          for (int s = 0; s < S; ++s) acc[i][j] = at::vec::fmadd(xv[i][s], wv[s], acc[i][j]);
+        for (int i = 0; i < MR; ++i) acc[i][j] = at::vec::fmadd(xv[i], wv[0], acc[i][j]);
       }
-    }
-    if constexpr (S == 1) {
-      if (full < K) {  // the K tail: partial vectors, zero lanes past it
-        const int64_t r = K - full;
-        Vec xv[MR];
-        FASTATTN_UNROLL
-        for (int i = 0; i < MR; ++i) xv[i] = Vec::loadu(x + i * K + full, r);
-        FASTATTN_UNROLL
-        for (int j = 0; j < NR; ++j) {
-          Vec wv[1];
-          w.load(n0 + j, full, wv, r);
-          FASTATTN_UNROLL
-          for (int i = 0; i < MR; ++i) acc[i][j] = at::vec::fmadd(xv[i], wv[0], acc[i][j]);
-        }
-      }
+      flush();
     }
   }
   FASTATTN_UNROLL
   for (int i = 0; i < MR; ++i)
     FASTATTN_UNROLL
-    for (int j = 0; j < NR; ++j) res[i * NR + j] = reduce_sum(acc[i][j]);
+    for (int j = 0; j < NR; ++j) res[i * NR + j] = reduce_sum(Vec::loadu(total[i][j]));
 }
 
 }  // namespace
