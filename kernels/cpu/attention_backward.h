@@ -15,7 +15,11 @@
 // or fused mode (enough (batch, kv head) pairs for the threads): pass a per (batch, kv head)
 // over its key blocks in order, with dQ += dS . K_blk accumulated in float32 for the whole group
 // and grad_mask written from pass a's dS rows: 5 products per score tile instead of 7.
-// Under is_causal the blocks wholly above the diagonal are skipped in every pass.
+// With grad_mask, pass 0 is pass b's kRowSum variant instead: D_i and P_i = sum_j p_ij from the
+// very p and dP that form dS, and every pass uses p / P_i (sum_j dS_ij then cancels to rounding).
+// Scores are recomputed bit-identical to the forward's (same sums, same order; dot_scores for
+// L <= kV), so p = exp(z - lse) is consistent with lse. Under is_causal the blocks wholly above
+// the diagonal are skipped in every pass.
 #pragma once
 #include "attention_forward.h"
 
@@ -32,6 +36,18 @@ void attention_row_dot(const AttnBackwardArgs& a, float* D) {
   const T* O = static_cast<const T*>(a.out);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(Ev, 1)),
                    [&](int64_t begin, int64_t end) {
+                     if (a.g.L <= kV) {  // summed as dot_scores sums dP (see its comment)
+                       for (int64_t r = begin; r < end; ++r) {
+                         Vec acc(0.f);
+                         for (int64_t e = 0; e < Ev; e += kV) {
+                           const int64_t n = std::min<int64_t>(kV, Ev - e);
+                           acc = at::vec::fmadd(load_f32(dO + r * Ev + e, n),
+                                                load_f32(O + r * Ev + e, n), acc);
+                         }
+                         D[r] = tree_sum(acc);
+                       }
+                       return;
+                     }
                      Vec x[kV], y[kV];
                      for (int64_t r0 = begin; r0 < end; r0 += kV) {  // kV rows side by side
                        const int64_t n = std::min<int64_t>(kV, end - r0);
@@ -92,7 +108,7 @@ struct KvPass {
     float *kt = w.kt.get(), *vt = w.vt.get(), *s = w.s.get(), *dp = w.dp.get();
     float *dk = w.dk.get(), *dv = w.dv.get();
     if (L > kV) pack_transposed(k, g.k_ss, bn, E, kt, BN, nvj * kV);  // kt: E x BN
-    pack_transposed(v, g.v_ss, bn, Ev, vt, BN, nvj * kV);  // vt: Ev x BN
+    if (L > kV) pack_transposed(v, g.v_ss, bn, Ev, vt, BN, nvj * kV);  // vt: Ev x BN
     int64_t ldk = 0;
     const float* kf = dq ? rows_f32(k, g.k_ss, bn, E, Ep, w.kb.get(), &ldk) : nullptr;
     std::fill(dk, dk + BN * Ep, 0.f);
@@ -124,7 +140,11 @@ struct KvPass {
         } else {
           tile_gemm(bm, nvj, E, qf, ldq, 1, kt, BN, s, BN, false, kKC);  // s = Q_blk . Kt
         }
-        tile_gemm(bm, nvj, Ev, dof, lddo, 1, vt, BN, dp, BN, false);  // dP = dO_blk . Vt
+        if (L <= kV) {  // dP = dO_blk . V_blk^T summed as attention_row_dot sums D
+          dot_scores(dof, lddo, bm, v, g.v_ss, bn, Ev, dp, BN);
+        } else {
+          tile_gemm(bm, nvj, Ev, dof, lddo, 1, vt, BN, dp, BN, false);  // dP = dO_blk . Vt
+        }
         for (int64_t i = 0; i < bm; ++i) {
           const int64_t qi = i0 + i;
           // keys [0, keep) of the block are visible to query qi (the rest: padding or causal)
@@ -238,13 +258,15 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
   const Vec vscale(g.scale), ninf(kNegInf);
 
   struct Scratch {
-    std::unique_ptr<float[]> qt, dot, kb, vb, st, dpt, mt, dq, lse, d, r;
+    std::unique_ptr<float[]> qt, dot, kb, vb, st, dpt, mt, dq, lse, d, r, qr, dor, tmp;
   };
   auto init = [&] {
     return Scratch{scratch(E * kBM), scratch(Ev * kBM),  scratch(BN * Ep),
                    scratch(BN * Ev), scratch(BN * kBM),  scratch(BN * kBM),
                    scratch(kMask ? BN * kBM : 0),        scratch(kBM * Ep),
-                   scratch(kBM),     scratch(kBM),  scratch(kBM)};
+                   scratch(kBM),     scratch(kBM),  scratch(kBM),
+                   scratch(L <= kV ? kV * E : 0), scratch(L <= kV ? kV * Ev : 0),
+                   scratch(L <= kV ? kV * BN : 0)};
   };
 
   auto task = [&](Scratch& w, int64_t t) {
@@ -262,6 +284,10 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
     float *qt = w.qt.get(), *dot = w.dot.get(), *st = w.st.get(), *dpt = w.dpt.get();
     float *mt = w.mt.get(), *dq = w.dq.get(), *lsev = w.lse.get(), *dv = w.d.get();
     float* rv = w.r.get();  // kRowSum: accumulates P; else 1 / P (or 1)
+    // short sequences: the query and dO rows as float32, for dot_scores
+    int64_t ldqr = 0, lddor = 0;
+    const float* qr = L <= kV ? rows_f32(q, g.q_sl, bm, E, E, w.qr.get(), &ldqr) : nullptr;
+    const float* dor = L <= kV ? rows_f32(dO, Ev, bm, Ev, Ev, w.dor.get(), &lddor) : nullptr;
     pack_transposed(q, g.q_sl, bm, E, qt, kBM, nvi * kV);    // qt:  E x kBM
     pack_transposed(dO, Ev, bm, Ev, dot, kBM, nvi * kV);     // dOt: Ev x kBM
     // padding lanes: lse +inf gives p = 0 there
@@ -280,8 +306,16 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
       int64_t ldk, ldv;
       const float* kf = rows_f32(k + j0 * g.k_ss, g.k_ss, bn, E, Ep, w.kb.get(), &ldk);
       const float* vf = rows_f32(v + j0 * g.v_ss, g.v_ss, bn, Ev, Ev, w.vb.get(), &ldv);
-      tile_gemm(bn, nvi, E, kf, ldk, 1, qt, kBM, st, kBM, false, kKC);    // st  = K_blk . qt
-      tile_gemm(bn, nvi, Ev, vf, ldv, 1, dot, kBM, dpt, kBM, false);  // dPt = V_blk . dOt
+      if (L <= kV) {  // scores and dP as pass a sums them (dot_scores), transposed
+        float* tmp = w.tmp.get();
+        dot_scores(qr, ldqr, bm, k + j0 * g.k_ss, g.k_ss, bn, E, tmp, BN);
+        pack_transposed(tmp, BN, bm, bn, st, kBM, nvi * kV);
+        dot_scores(dor, lddor, bm, v + j0 * g.v_ss, g.v_ss, bn, Ev, tmp, BN);
+        pack_transposed(tmp, BN, bm, bn, dpt, kBM, nvi * kV);
+      } else {
+        tile_gemm(bn, nvi, E, kf, ldk, 1, qt, kBM, st, kBM, false, kKC);  // st  = K_blk . qt
+        tile_gemm(bn, nvi, Ev, vf, ldv, 1, dot, kBM, dpt, kBM, false);    // dPt = V_blk . dOt
+      }
       if constexpr (kMask) pack_mask_transposed(mask + j0, g.m_sl, bm, bn, mt, kBM);
       const bool partial_causal = g.is_causal && j0 + bn - 1 > i0;
       for (int64_t j = 0; j < bn; ++j) {
@@ -325,7 +359,8 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
     T* gq = static_cast<T*>(a.grad_q) + (bh * L + i0) * E;
     for (int64_t i = 0; i < bm; ++i) {
       for (int64_t e = 0; e < E; e += kV) {
-        store_f32(gq + i * E + e, Vec::loadu(dq + i * Ep + e) * vscale, std::min<int64_t>(kV, E - e));
+        store_f32(gq + i * E + e, Vec::loadu(dq + i * Ep + e) * vscale,
+                  std::min<int64_t>(kV, E - e));
       }
     }
   };
@@ -337,7 +372,6 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
 inline bool use_fused_backward(const AttnGeometry& g) {
   const int64_t tasks = g.B * g.Hkv, threads = std::max<int64_t>(1, at::get_num_threads());
   if (tasks == 0 || g.S == 0) return false;
-  if (g.L <= kV) return true;  // pass b has no dot_scores path (and little work here)
   const int64_t rounds = ceil_div(tasks, threads);
   const int64_t dq_bytes = std::min(tasks, threads) * (g.Hq / g.Hkv) * g.L * round_up(g.E, kV) * 4;
   return 4 * tasks >= 3 * rounds * threads && dq_bytes <= (int64_t{256} << 20);

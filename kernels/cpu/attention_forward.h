@@ -1,22 +1,24 @@
 // CPU attention forward (FlashAttention-2 on the CPU), compiled once per ISA: no (L, S) buffer,
 // O(block) scratch per thread.
 //
-// Work item: one block of kBM queries of one (batch, head). Its queries are packed transposed
-// once, qt (E x kBM, float32), so a score tile is a product with the queries along the vector
-// lanes: st (bn x kBM) = K_blk (bn x E) . qt. Then per query lane, vectorized across queries:
+// Work item: one block of kBM queries of one (batch, head), dealt to the threads dynamically.
+// Its queries are packed transposed once, qt (E x kBM, float32), so a score tile is a product
+// with the queries along the vector lanes: st (bn x kBM) = K_blk (bn x E) . qt. Then per query
+// lane, vectorized across queries:
 //   z = scale * s + mask (or -inf: masked, causal j > i)        (st, in place)
 //   m_new = max(m, max_j z); alpha = exp(m - m_new); p = exp(z - m_new)
 //   l = alpha * l + sum_j p; o = alpha * o + (p * dropout) V_blk  (o: kBM x Ev float32)
-// Keys stream in blocks of bn; under is_causal key blocks past the block's last query are never
-// visited. At the end out = o / l and lse = m + log(l); a row without any unmasked key
-// (l == 0) gets out = 0 and lse = +inf.
+// A block of at most kV queries (decoding, the last rows of a sequence) puts the keys along the
+// lanes instead and runs the same online softmax along each row. Keys stream in blocks; under
+// is_causal key blocks past the block's last query are never visited. At the end out = o / l
+// and lse = m + log(l); a row without any unmasked key (l == 0) gets out = 0 and lse = +inf.
 #pragma once
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <cmath>
 
-#include "attention_tile.h"
+#include "attention_score.h"
 
 namespace fastattn::cpu::FASTATTN_ISA {
 namespace {
@@ -25,23 +27,18 @@ namespace {
 constexpr int64_t kBM = 64;
 constexpr int kNQ = static_cast<int>(kBM / kV);
 
-// max(a, b) without at::vec::maximum's NaN propagation (scores here are never NaN).
-inline Vec vec_max(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_max_ps(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  return _mm256_max_ps(a, b);
-#else
-  return at::vec::maximum(a, b);
-#endif
-}
-
 // Keys per block: the float32 key/value block and the score tile within about 72 KiB (L2
 // resident next to the packed queries; measured on AVX-512, 1 thread, L = S = 1024: E = 64 best
 // at 96 keys (15.1 ms against 15.7 at 128), E = 128 at 64, E = 16 flat from 64 to 128).
 inline int64_t key_block(int64_t E, int64_t Ev) {
   const int64_t per_key = 4 * (E + Ev + kBM);
   return std::clamp<int64_t>(round_up(72 * 1024 / per_key, 16), 48, 128);
+}
+
+// row[0, n) *= a (n: a multiple of kV).
+inline void scale_row(float* row, int64_t n, float a) {
+  const Vec va(a);
+  for (int64_t e = 0; e < n; e += kV) (Vec::loadu(row + e) * va).store(row + e);
 }
 
 // Runs fn(task) for task in [0, n) on at::parallel_for's threads, each thread taking the next
@@ -130,15 +127,18 @@ void attention_forward_typed(const AttnForwardArgs& a) {
           for (int64_t jj = 0; jj < nvj * kV; jj += kV) {
             Vec z = Vec::loadu(row + jj) * vscale;
             if constexpr (kMask) {
-              if (jj < bn) z = z + mask_vec(mask + i * g.m_sl + j0 + jj, std::min<int64_t>(kV, bn - jj));
+              if (jj < bn) {
+                z = z + mask_vec(mask + i * g.m_sl + j0 + jj, std::min<int64_t>(kV, bn - jj));
+              }
             }
             z = keep_first(z, ninf, keep - jj);
             z.store(row + jj);
             vmax = vec_max(vmax, z);
           }
           const float m_old = mrow[i];
-          const float m_new = std::max(m_old, at::vec::vec_reduce_all<float>(
-                                                  [](Vec& x, Vec& y) { return vec_max(x, y); }, vmax));
+          const float m_new = std::max(
+              m_old, at::vec::vec_reduce_all<float>(
+                         [](Vec& x, Vec& y) { return vec_max(x, y); }, vmax));
           const float m_use = m_new == kNegInf ? 0.f : m_new;
           const float al = m_old == kNegInf ? 0.f : std::exp(m_old - m_use);
           const Vec vm(m_use);
@@ -151,9 +151,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
           }
           mrow[i] = m_new;
           lrow[i] = lrow[i] * al + reduce_sum(sum);
-          if (al != 1.f) {
-            for (int64_t e = 0; e < Evp; e += kV) (Vec::loadu(o + i * Evp + e) * Vec(al)).store(o + i * Evp + e);
-          }
+          if (al != 1.f) scale_row(o + i * Evp, Evp, al);
         }
         tile_gemm(bm, Evp / kV, bn, st, BNr, 1, vf, ldv, o, Evp, true);  // o += P . V_blk
       }
@@ -186,7 +184,9 @@ void attention_forward_typed(const AttnForwardArgs& a) {
             for (int64_t j = 0; j < bn; ++j) {
               const float* row = st + j * kBM;
 #pragma GCC unroll 8
-              for (int vi = 0; vi < nq; ++vi) bmax[vi] = vec_max(bmax[vi], Vec::loadu(row + vi * kV));
+              for (int vi = 0; vi < nq; ++vi) {
+                bmax[vi] = vec_max(bmax[vi], Vec::loadu(row + vi * kV));
+              }
             }
             for (int vi = 0; vi < nq; ++vi) bmax[vi] = bmax[vi] * vscale;
           } else {
@@ -223,7 +223,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
 #pragma GCC unroll 8
               for (int vi = 0; vi < nq; ++vi) {
                 // z rounded on its own (as the backward forms it), then z - m
-              Vec p = fast_exp(Vec::loadu(row + vi * kV) * zscale + neg_m[vi]);
+                Vec p = fast_exp(Vec::loadu(row + vi * kV) * zscale + neg_m[vi]);
                 sum[vi] = sum[vi] + p;
                 if constexpr (decltype(with_dropout)::value) {
                   p = p * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
@@ -251,8 +251,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
         // o = alpha * o + P . V_blk   (P (bm x bn) is st transposed: element (i, j) at st[j*kBM+i])
         for (int64_t i = 0; i < bm; ++i) {
           if (alpha[i] == 1.f) continue;
-          const Vec al(alpha[i]);
-          for (int64_t e = 0; e < Evp; e += kV) (Vec::loadu(o + i * Evp + e) * al).store(o + i * Evp + e);
+          scale_row(o + i * Evp, Evp, alpha[i]);
         }
         tile_gemm(bm, Evp / kV, bn, st, 1, kBM, vf, ldv, o, Evp, true);
       }

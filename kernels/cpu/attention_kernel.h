@@ -1,7 +1,7 @@
 // CPU scaled dot-product attention kernels, compiled once per ISA (see fastattn/cpu_isa.h):
 // the entry points of attention_cpu.h, dispatching on the storage dtype and the mask kind.
 // The algorithm: attention_forward.h (forward), attention_backward.h (backward); their shared
-// pieces (micro-kernel, packing, mask, dropout): attention_tile.h.
+// pieces: attention_gemm.h (products, packing) and attention_score.h (mask, dropout, exp).
 #pragma once
 #ifndef FASTATTN_ISA
 #error "include an isa_<name>.h first"
