@@ -20,7 +20,11 @@ float layer (the quantization's own accuracy).
 Cases. GPU: M in {1, 4, 16, 64, 512, 4096} on (K, N) = (4096, 4096), (4096, 11008),
 (11008, 4096), (8192, 28672) in float16 and bfloat16. CPU (2 cores here): M in {1, 4, 16, 64}
 on the first three shapes in float32, M = 1 and 16 in bfloat16, and M = 512 on 4096 x 4096;
-`quick`: M in {1, 16} on 4096 x 4096, float32.
+`quick`: M in {1, 16} on 4096 x 4096, float32. "dram" cases (shape label suffix): M = 1 on the
+first three shapes (float32 on CPU, bfloat16 on GPU) with every implementation cycling through
+weight copies of STREAM_BYTES in all, so the weights come from DRAM on every call (the other
+cases reuse one weight, which a large last-level cache keeps: on this CPU, F.linear then reads
+its fp32 weights at twice the DRAM copy bandwidth).
 
 As a script: `python -m fastattn.cli bench --ops quant`. Under pytest-benchmark:
 `pytest benchmarks/bench_quant.py --benchmark-only` (the quick CPU cases).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import sys
 from collections.abc import Callable
 
@@ -55,10 +60,22 @@ class Case:
     K: int
     N: int
     dtype: torch.dtype
+    streamed: bool = False  # every call reads its weights from DRAM (see STREAM_BYTES)
 
     @property
     def id(self) -> str:
-        return f"{self.M}x{self.K}x{self.N}-{str(self.dtype).removeprefix('torch.')}"
+        dram = "-dram" if self.streamed else ""
+        return f"{self.M}x{self.K}x{self.N}-{str(self.dtype).removeprefix('torch.')}{dram}"
+
+    @property
+    def label(self) -> str:
+        return f"({self.M}, {self.K}, {self.N})" + (" dram" if self.streamed else "")
+
+
+# Streamed cases cycle each implementation through distinct copies of its weights totalling at
+# least this many bytes, so no call finds its weights in cache (this machine's L3 is 260 MiB, an
+# H100's L2 50 MiB): what decode over a whole model, layer after layer, sees.
+STREAM_BYTES = 1 << 30
 
 
 def cases(device: str | torch.device = "cpu", quick: bool = False) -> list[Case]:
@@ -66,10 +83,13 @@ def cases(device: str | torch.device = "cpu", quick: bool = False) -> list[Case]
         dts = (torch.float16, torch.bfloat16)
         ms = (1, 16) if quick else (1, 4, 16, 64, 512, 4096)
         shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
-        return [Case(m, k, n, dt) for dt in dts for (k, n) in shapes for m in ms]
+        out = [Case(m, k, n, dt) for dt in dts for (k, n) in shapes for m in ms]
+        return out + ([] if quick else [Case(1, k, n, torch.bfloat16, streamed=True)
+                                        for (k, n) in GPU_SHAPES[:3]])
     if quick:
         return [Case(m, 4096, 4096, torch.float32) for m in (1, 16)]
     out = [Case(m, k, n, torch.float32) for (k, n) in GPU_SHAPES[:3] for m in (1, 4, 16, 64)]
+    out += [Case(1, k, n, torch.float32, streamed=True) for (k, n) in GPU_SHAPES[:3]]
     out += [Case(m, 4096, 4096, torch.bfloat16) for m in (1, 16)]
     return out + [Case(512, 4096, 4096, torch.float32)]
 
@@ -87,16 +107,37 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict:
             "int4": (p4, s4, z4)}
 
 
-def quantized_fn(fmt: str, inputs: dict, backend: str) -> Callable[[], torch.Tensor]:
-    x, bias = inputs["x"], inputs["bias"]
+def linear_of(fmt: str | None, x: torch.Tensor, bias: torch.Tensor,
+              backend: str | None = None) -> Callable[..., torch.Tensor]:
+    """f(*weights) -> x @ W^T + bias for one format's weight tensors (None: F.linear on W)."""
+    if fmt is None:
+        return lambda w: F.linear(x, w, bias)
     if fmt == "int8":
-        q, s = inputs["int8"]
-        return lambda: fastattn.int8_linear(x, q, s, bias, backend=backend)
+        return lambda q, s: fastattn.int8_linear(x, q, s, bias, backend=backend)
     if fmt == "w8a8":
-        q, s = inputs["w8a8"]
-        return lambda: fastattn.w8a8_linear(x, q, s, bias, backend=backend)
-    p, s, z = inputs["int4"]
-    return lambda: fastattn.int4_linear(x, p, s, z, GROUP_SIZE, bias, backend=backend)
+        return lambda q, s: fastattn.w8a8_linear(x, q, s, bias, backend=backend)
+    return lambda p, s, z: fastattn.int4_linear(x, p, s, z, GROUP_SIZE, bias, backend=backend)
+
+
+def weights_of(fmt: str | None, inputs: dict) -> tuple:
+    return (inputs["w"],) if fmt is None else inputs[fmt]
+
+
+def cycled(fn: Callable[..., torch.Tensor], weights: tuple,
+           streamed: bool) -> Callable[[], torch.Tensor]:
+    """fn(*weights) as a no-argument call; streamed: each call takes the next of enough clones of
+    the weights (>= STREAM_BYTES in all) that they are never in cache when used."""
+    if not streamed:
+        return lambda: fn(*weights)
+    copies = -(-STREAM_BYTES // sum(nbytes(t) for t in weights))
+    pool = itertools.cycle([weights] + [tuple(t.clone() for t in weights)
+                                        for _ in range(copies - 1)])
+    return lambda: fn(*next(pool))
+
+
+def quantized_fn(fmt: str, inputs: dict, backend: str) -> Callable[[], torch.Tensor]:
+    return cycled(linear_of(fmt, inputs["x"], inputs["bias"], backend), weights_of(fmt, inputs),
+                  False)
 
 
 def reference64(fmt: str, inputs: dict) -> torch.Tensor:
@@ -142,10 +183,12 @@ def run_case(case: Case, device: torch.device, backends: list[str] | None = None
                             if b in fastattn.available_backends("int8_weight_linear", device,
                                                                 case.dtype)]
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    fns: dict[str, Callable] = {"F.linear": lambda: F.linear(x, w, bias)}
+    fns: dict[str, Callable] = {
+        "F.linear": cycled(linear_of(None, x, bias), weights_of(None, inputs), case.streamed)}
     for fmt in formats:
         for b in backends:
-            fns[f"{fmt}|fastattn:{b}"] = quantized_fn(fmt, inputs, b)
+            fns[f"{fmt}|fastattn:{b}"] = cycled(linear_of(fmt, x, bias, b),
+                                                weights_of(fmt, inputs), case.streamed)
     fns.update(_third_party(case, inputs, device))
     with torch.no_grad():
         dense = F.linear(x.float(), w.float(), bias.float())
@@ -166,7 +209,7 @@ def run_case(case: Case, device: torch.device, backends: list[str] | None = None
 
     def row(table: str, impl: str, name: str, fmt: str | None) -> Row:
         t = times[name]
-        r = Row(op=table, shape=f"({case.M}, {case.K}, {case.N})",
+        r = Row(op=table, shape=case.label,
                 dtype=str(case.dtype).removeprefix("torch."), mask=fmt or "float", impl=impl,
                 median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"],
                 threads=threads, device=str(device), max_err=errs.get(name),
