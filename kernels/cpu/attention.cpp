@@ -24,14 +24,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_cpu(const at::Tensor& q, const at::Tenso
   const AttnInputs in =
       prepare_attention("sdpa", q, k, v, mask, scale, is_causal, dropout_p, seed, offset);
   auto [out, lse] = new_attention_outputs(in);  // out (B, Hq, L, Ev), lse (B, Hq, L)
-  const AttnForwardArgs a{in.q.data_ptr(),
-                          in.k.data_ptr(),
-                          in.v.data_ptr(),
-                          in.mask.defined() ? in.mask.data_ptr() : nullptr,
-                          out.data_ptr(),
-                          lse.data_ptr<float>(),
-                          in.g,
-                          to_attn_dtype(in.q.scalar_type())};
+  const AttnForwardArgs a = attention_forward_args(in, out, lse);
   switch (cpu_isa()) {
     case Isa::Avx512: avx512::attention_forward(a); break;
     case Isa::Avx2: avx2::attention_forward(a); break;
@@ -48,35 +41,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(
   const AttnInputs in = prepare_attention("sdpa_backward", q, k, v, mask, scale, is_causal,
                                           dropout_p, seed, offset);
   check_attention_backward(in, grad_out, out, lse);
-  const AttnGeometry& g = in.g;
   const at::Tensor dO = grad_out.contiguous();  // (B, Hq, L, Ev)
   const at::Tensor O = out.contiguous();        // (B, Hq, L, Ev)
   const at::Tensor lse_c = lse.contiguous();    // (B, Hq, L)
-  at::Tensor grad_q = new_output({g.B, g.Hq, g.L, g.E}, in.q.options());
-  at::Tensor grad_k = new_output({g.B, g.Hkv, g.S, g.E}, in.q.options());
-  at::Tensor grad_v = new_output({g.B, g.Hkv, g.S, g.Ev}, in.q.options());
-  const auto f32 = in.q.options().dtype(at::kFloat);
-  at::Tensor grad_mask =
-      want_grad_mask ? new_output({g.B, g.Hq, g.L, g.S}, f32) : at::empty({0}, f32);
-  const AttnBackwardArgs a{dO.data_ptr(),
-                           in.q.data_ptr(),
-                           in.k.data_ptr(),
-                           in.v.data_ptr(),
-                           O.data_ptr(),
-                           lse_c.data_ptr<float>(),
-                           in.mask.defined() ? in.mask.data_ptr() : nullptr,
-                           grad_q.data_ptr(),
-                           grad_k.data_ptr(),
-                           grad_v.data_ptr(),
-                           want_grad_mask ? grad_mask.data_ptr<float>() : nullptr,
-                           g,
-                           to_attn_dtype(in.q.scalar_type())};
+  AttnGrads grads = new_attention_grads(in, want_grad_mask);
+  const AttnBackwardArgs a = attention_backward_args(in, dO, O, lse_c, grads);
   switch (cpu_isa()) {
     case Isa::Avx512: avx512::attention_backward(a); break;
     case Isa::Avx2: avx2::attention_backward(a); break;
     default: generic::attention_backward(a); break;
   }
-  return {grad_q, grad_k, grad_v, grad_mask};
+  return {grads.q, grads.k, grads.v, grads.mask};
 }
 
 }  // namespace

@@ -25,14 +25,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa_cuda(const at::Tensor& q, const at::Tens
   check_cuda_attention("sdpa", in);
   align_inputs(in);
   auto [out, lse] = new_attention_outputs(in);  // out (B, Hq, L, Ev), lse (B, Hq, L)
-  const AttnForwardArgs a{in.q.data_ptr(),
-                          in.k.data_ptr(),
-                          in.v.data_ptr(),
-                          in.mask.defined() ? in.mask.data_ptr() : nullptr,
-                          out.data_ptr(),
-                          lse.data_ptr<float>(),
-                          in.g,
-                          to_attn_dtype(in.q.scalar_type())};
+  const AttnForwardArgs a = attention_forward_args(in, out, lse);
   attention_forward_cuda(a, c10::cuda::getCurrentCUDAStream());
   return {out, lse};
 }
@@ -52,28 +45,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cuda(
   const at::Tensor dO = aligned16(grad_out.contiguous());  // (B, Hq, L, Ev)
   const at::Tensor O = aligned16(out.contiguous());        // (B, Hq, L, Ev)
   const at::Tensor lse_c = lse.contiguous();               // (B, Hq, L)
-  at::Tensor grad_q = new_output({g.B, g.Hq, g.L, g.E}, in.q.options());
-  at::Tensor grad_k = new_output({g.B, g.Hkv, g.S, g.E}, in.q.options());
-  at::Tensor grad_v = new_output({g.B, g.Hkv, g.S, g.Ev}, in.q.options());
-  const auto f32 = in.q.options().dtype(at::kFloat);
-  at::Tensor grad_mask =
-      want_grad_mask ? new_output({g.B, g.Hq, g.L, g.S}, f32) : at::empty({0}, f32);
-  at::Tensor delta = at::empty({g.B, g.Hq, g.L}, f32);  // D = rowsum(grad_out * out) scratch
-  const AttnBackwardArgs a{dO.data_ptr(),
-                           in.q.data_ptr(),
-                           in.k.data_ptr(),
-                           in.v.data_ptr(),
-                           O.data_ptr(),
-                           lse_c.data_ptr<float>(),
-                           in.mask.defined() ? in.mask.data_ptr() : nullptr,
-                           grad_q.data_ptr(),
-                           grad_k.data_ptr(),
-                           grad_v.data_ptr(),
-                           want_grad_mask ? grad_mask.data_ptr<float>() : nullptr,
-                           g,
-                           to_attn_dtype(in.q.scalar_type())};
+  AttnGrads grads = new_attention_grads(in, want_grad_mask);
+  // D = rowsum(grad_out * out), scratch of the backward kernels, (B, Hq, L)
+  at::Tensor delta = at::empty({g.B, g.Hq, g.L}, in.q.options().dtype(at::kFloat));
+  const AttnBackwardArgs a = attention_backward_args(in, dO, O, lse_c, grads);
   attention_backward_cuda(a, delta.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
-  return {grad_q, grad_k, grad_v, grad_mask};
+  return {grads.q, grads.k, grads.v, grads.mask};
 }
 
 }  // namespace

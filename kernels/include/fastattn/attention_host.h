@@ -103,6 +103,56 @@ inline std::tuple<at::Tensor, at::Tensor> new_attention_outputs(const AttnInputs
           new_output({g.B, g.Hq, g.L}, in.q.options().dtype(at::kFloat))};
 }
 
+// The forward kernels' launch arguments for outputs from new_attention_outputs.
+inline AttnForwardArgs attention_forward_args(const AttnInputs& in, at::Tensor& out,
+                                              at::Tensor& lse) {
+  return {in.q.data_ptr(),
+          in.k.data_ptr(),
+          in.v.data_ptr(),
+          in.mask.defined() ? in.mask.data_ptr() : nullptr,
+          out.data_ptr(),
+          lse.data_ptr<float>(),
+          in.g,
+          to_attn_dtype(in.q.scalar_type())};
+}
+
+// What sdpa_backward returns: grad_q/k/v contiguous in q's dtype with q/k/v's shapes, and
+// grad_mask (B, Hq, L, S) float32 when wanted, else an empty (0,) float32 tensor.
+struct AttnGrads {
+  at::Tensor q, k, v, mask;
+  bool want_mask;
+};
+
+inline AttnGrads new_attention_grads(const AttnInputs& in, bool want_grad_mask) {
+  const AttnGeometry& g = in.g;
+  const auto f32 = in.q.options().dtype(at::kFloat);
+  return {new_output({g.B, g.Hq, g.L, g.E}, in.q.options()),
+          new_output({g.B, g.Hkv, g.S, g.E}, in.q.options()),
+          new_output({g.B, g.Hkv, g.S, g.Ev}, in.q.options()),
+          want_grad_mask ? new_output({g.B, g.Hq, g.L, g.S}, f32) : at::empty({0}, f32),
+          want_grad_mask};
+}
+
+// The backward kernels' launch arguments. dO, O: (B, Hq, L, Ev) contiguous; lse (B, Hq, L)
+// float32 contiguous; grads from new_attention_grads.
+inline AttnBackwardArgs attention_backward_args(const AttnInputs& in, const at::Tensor& dO,
+                                                const at::Tensor& O, const at::Tensor& lse,
+                                                AttnGrads& grads) {
+  return {dO.data_ptr(),
+          in.q.data_ptr(),
+          in.k.data_ptr(),
+          in.v.data_ptr(),
+          O.data_ptr(),
+          lse.data_ptr<float>(),
+          in.mask.defined() ? in.mask.data_ptr() : nullptr,
+          grads.q.data_ptr(),
+          grads.k.data_ptr(),
+          grads.v.data_ptr(),
+          grads.want_mask ? grads.mask.data_ptr<float>() : nullptr,
+          in.g,
+          to_attn_dtype(in.q.scalar_type())};
+}
+
 inline void check_attention_backward(const AttnInputs& in, const at::Tensor& grad_out,
                                      const at::Tensor& out, const at::Tensor& lse) {
   const AttnGeometry& g = in.g;
