@@ -32,9 +32,12 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # take fp16/bf16 with head dims 32-256 (fastattn/ops/sdpa.py), everything else goes to Triton.
 # int8_linear, int4_linear, w8a8_linear, quantize_per_token_int8: no GPU run yet either; the
 # CUDA weight-only kernels run float32 activations with M > 8 as repeated GEMVs (Triton has a
-# real float32 GEMM there), which the first GPU benchmark should settle.
+# real float32 GEMM there), which the first GPU benchmark should settle. decode_attention: no GPU
+# run either; the CUDA kernel takes fp16/bf16 with E == Ev in {64, 128, 256}, the rest runs on
+# Triton. fastattn.attention shares sdpa's operators and therefore its entry.
 GPU_PREFERENCE: dict[str, tuple[str, str]] = {
     "sdpa": ("cuda", "triton"),
+    "decode_attention": ("cuda", "triton"),
     "int8_linear": ("cuda", "triton"),
     "int4_linear": ("cuda", "triton"),
     "w8a8_linear": ("cuda", "triton"),

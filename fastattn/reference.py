@@ -163,6 +163,141 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return (p @ v).to(query.dtype)
 
 
+def score_modifier_keep(L: int, S: int, window: tuple[int, int], diag: int,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """(L, S) bool: key j visible to query i under a (left, right) window around the diagonal
+    i + diag (-1 = unbounded side): i + diag - left <= j <= i + diag + right."""
+    i = torch.arange(L, device=device)[:, None] + diag
+    j = torch.arange(S, device=device)[None, :]
+    keep = torch.ones(L, S, dtype=torch.bool, device=device)
+    if window[0] >= 0:
+        keep &= j >= i - window[0]
+    if window[1] >= 0:
+        keep &= j <= i + window[1]
+    return keep
+
+
+def _attention_one(q, k, v, scale, window, bottom_right, slopes, softcap, keep_drop, dropout_p):
+    """One sequence: q (L, Hq, E), k (S, Hkv, E), v (S, Hkv, Ev) in the compute dtype;
+    slopes (Hq,) or None; keep_drop (Hq, L, S) bool or None. Returns (L, Hq, Ev)."""
+    L, Hq, _ = q.shape
+    S, Hkv, _ = k.shape
+    if S == 0:  # no key at all: every row is zero (keeps the graph for autograd)
+        return (q[..., :1] * 0).expand(L, Hq, v.shape[-1]) + v.sum() * 0
+    group = Hq // Hkv if Hkv else 1
+    qh = q.transpose(0, 1)  # (Hq, L, E)
+    kh = k.transpose(0, 1).repeat_interleave(group, 0)  # (Hq, S, E)
+    vh = v.transpose(0, 1).repeat_interleave(group, 0)  # (Hq, S, Ev)
+    s = (qh @ kh.transpose(1, 2)) * scale  # (Hq, L, S)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    diag = S - L if bottom_right else 0
+    if slopes is not None:
+        i = torch.arange(L, device=q.device, dtype=s.dtype)[:, None] + diag
+        j = torch.arange(S, device=q.device, dtype=s.dtype)[None, :]
+        s = s - slopes.to(s.dtype)[:, None, None] * (i - j).abs()
+    keep = score_modifier_keep(L, S, window, diag, q.device)
+    p = softmax(s, mask=keep.expand(Hq, L, S))
+    if dropout_p >= 1.0:
+        p = p * 0.0
+    elif dropout_p > 0.0:
+        p = p.masked_fill(~keep_drop, 0.0) / (1.0 - dropout_p)
+    return (p @ vh).transpose(0, 1)  # (L, Hq, Ev)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              causal_align: str = "bottom_right", window: tuple[int, int] | None = None,
+              alibi_slopes: torch.Tensor | None = None, softcap: float | None = None,
+              scale: float | None = None, dropout_p: float = 0.0,
+              dropout_mask: torch.Tensor | None = None,
+              cu_seqlens_q: torch.Tensor | None = None,
+              cu_seqlens_k: torch.Tensor | None = None,
+              compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The math of fastattn.attention, one sequence at a time.
+
+    Dense: q (B, L, Hq, E), k (B, S, Hkv, E), v (B, S, Hkv, Ev). Packed (cu_seqlens_q and
+    cu_seqlens_k, int (B + 1,) prefix sums): q (total_q, Hq, E), k (total_k, Hkv, E),
+    v (total_k, Hkv, Ev). Hkv divides Hq (query head h reads kv head h // (Hq / Hkv)).
+    Scores s = scale * q.k (default scale 1 / sqrt(E)); softcap: s = softcap * tanh(s / softcap);
+    alibi_slopes (Hq,) or (B, Hq): s -= slope * |i + d - j|; key j is visible to query i when
+    i + d - left <= j <= i + d + right for window (left, right) (-1: unbounded side), causal
+    meaning right = 0; d = S_b - L_b for causal_align "bottom_right", 0 for "top_left".
+    dropout_mask: bool in the operator's tensor coordinates, (B, Hq, L, S) dense or
+    (1, Hq, total_q, total_k) packed, True = kept (needed when 0 < dropout_p < 1;
+    dropout_p >= 1 drops everything). Rows with no visible key give zeros.
+    compute_dtype: default float32 (float64 for float64 inputs); the tests pass q's own dtype
+    to measure what eager PyTorch gets in that precision.
+    Returns q's layout with Ev: (B, L, Hq, Ev) or (total_q, Hq, Ev), in q's dtype.
+    """
+    ct = compute_dtype or _compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if causal:
+        right = 0
+    slopes = None if alibi_slopes is None else alibi_slopes.to(ct)
+    packed = cu_seqlens_q is not None
+    if packed:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        seqs = [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+    else:
+        seqs = list(range(q.shape[0]))
+    outs = []
+    for b, seq in enumerate(seqs):
+        if packed:
+            qb, kb, vb = q[seq[0]], k[seq[1]], v[seq[1]]
+            keep = None if dropout_mask is None else dropout_mask[0][:, seq[0], seq[1]]
+        else:
+            qb, kb, vb = q[seq], k[seq], v[seq]
+            keep = None if dropout_mask is None else dropout_mask[seq]
+        sb = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[b])
+        outs.append(_attention_one(qb.to(ct), kb.to(ct), vb.to(ct), scale, (left, right),
+                                   causal_align == "bottom_right", sb, softcap, keep,
+                                   dropout_p))
+    if packed:
+        out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[-1], dtype=ct)
+    else:
+        out = torch.stack(outs) if outs else q.new_zeros(0, q.shape[1], q.shape[2], v.shape[-1],
+                                                         dtype=ct)
+    return out.to(q.dtype)
+
+
+def gather_kv_cache(cache: torch.Tensor, seqlen: int, b: int,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """The first `seqlen` tokens of sequence b from a KV cache: contiguous (B, S_max, H, E) or
+    paged (pages, page_size, H, E) through block_table (B, max_pages). Returns (seqlen, H, E)."""
+    if block_table is None:
+        return cache[b, :seqlen]
+    page = cache.shape[1]
+    pos = torch.arange(seqlen, device=cache.device)
+    pages = block_table[b].long()[pos // page]
+    return cache[pages, pos % page]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cache_seqlens: torch.Tensor, *, block_table: torch.Tensor | None = None,
+                     scale: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                     window: tuple[int, int] | None = None, softcap: float | None = None,
+                     causal: bool = True) -> torch.Tensor:
+    """The math of the decode_attention operator: q (B, Lq, Hq, E) are the LAST Lq tokens of
+    each sequence, whose cache (contiguous (B, S_max, Hkv, E) or paged through block_table)
+    holds cache_seqlens[b] tokens (the query tokens included). Full attention of the queries
+    over those tokens, bottom-right aligned (query i at position cache_seqlens[b] - Lq + i),
+    causal unless causal=False. Returns (B, Lq, Hq, Ev) in q's dtype."""
+    outs = []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        kb = gather_kv_cache(k_cache, n, b, block_table)
+        vb = gather_kv_cache(v_cache, n, b, block_table)
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+        outs.append(attention(q[b:b + 1], kb[None], vb[None], causal=causal,
+                              causal_align="bottom_right", window=window, alibi_slopes=slopes,
+                              softcap=softcap, scale=scale)[0])
+    if not outs:
+        return q.new_zeros(*q.shape[:3], v_cache.shape[-1])
+    return torch.stack(outs)
+
+
 # ---- quantized linear layers (formats: fastattn/quant.py; op contract: kernels/registration.cpp) --
 
 def dequantize_int8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,24 @@ TORCH_LIBRARY(fastattn, m) {
   //   (spec in kernels/include/fastattn/philox.h, reference in fastattn/reference.py).
   // Returns out (B, Hq, L, Ev) contiguous in q's dtype and lse (B, Hq, L) float32 contiguous,
   // the natural log of sum_j exp(z_ij) (+inf for a row with no unmasked key, whose out is 0).
+  //
+  // Extensions (fastattn.attention; defaults keep the plain sdpa call). The full statement of
+  // the per-sequence semantics is the AttnGeometry comment in fastattn/attention_args.h:
+  //   cu_seqlens_q/cu_seqlens_k: int32 (B + 1,) prefix sums of packed sequences (both or
+  //     neither; no mask). q (1, Hq, total_q, E), k (1, Hkv, total_k, E), v (1, Hkv, total_k,
+  //     Ev); sequence b owns rows [cu[b], cu[b + 1]); out (1, Hq, total_q, Ev), lse
+  //     (1, Hq, total_q). max_seqlen_q/max_seqlen_k bound the per-sequence lengths.
+  //   window_left/window_right: key j visible to query i only if i + d - left <= j <=
+  //     i + d + right (-1: unbounded on that side); is_causal sets right = 0.
+  //   bottom_right: the diagonal offset d = S_b - L_b (FlashAttention's causal alignment),
+  //     else 0 (torch's top-left is_causal).
+  //   alibi_slopes: float32 (Hq,) or (B, Hq); z += -slope * |i + d - j|.
+  //   softcap > 0: scale * q.k becomes softcap * tanh(scale * q.k / softcap).
   m.def("sdpa(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal, "
-        "float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)",
+        "float dropout_p, int seed, int offset, Tensor? cu_seqlens_q=None, "
+        "Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+        "int window_left=-1, int window_right=-1, bool bottom_right=False, "
+        "Tensor? alibi_slopes=None, float softcap=0.0) -> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
   // Gradients of sdpa, recomputing p from lse (no (L, S) buffer unless want_grad_mask).
   // grad_out: (B, Hq, L, Ev), stride(-1) == 1. grad_q/grad_k/grad_v contiguous in q's dtype,
@@ -67,7 +83,27 @@ TORCH_LIBRARY(fastattn, m) {
   // mask), (B, Hq, L, S) float32 when want_grad_mask, else an empty (0,) tensor.
   m.def("sdpa_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? mask, float scale, bool is_causal, float dropout_p, int seed, int offset, "
-        "bool want_grad_mask) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)",
+        "bool want_grad_mask, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "int max_seqlen_q=0, int max_seqlen_k=0, int window_left=-1, int window_right=-1, "
+        "bool bottom_right=False, Tensor? alibi_slopes=None, float softcap=0.0) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)",
+        {at::Tag::pt2_compliant_tag});
+
+  // Attention of Lq (1 to a few) new tokens per sequence against a KV cache that already
+  // holds them (fastattn.decode_attention appends k_new/v_new first), forward only, split-K
+  // over the cache ("flash-decoding") with a deterministic reduction. Full contract: the
+  // DecodeArgs comment in fastattn/attention_args.h.
+  //   q (B, Lq, Hq, E), stride(-1) == 1. Caches: paged (P, page_size, Hkv, E|Ev) indexed by
+  //   block_table int32 (B, max_pages), or contiguous (B, S_max, Hkv, E|Ev) without one.
+  //   cache_seqlens int32 (B,): tokens held per sequence (new ones included), at most
+  //   max_seqlen (the host's bound, for the split plan). Query row i sits at position
+  //   cache_seqlens[b] - Lq + i; window as in sdpa (window_right = 0: causal).
+  //   num_splits: 0 picks from the machine's parallelism, else that many (at most).
+  // Returns out (B, Lq, Hq, Ev) contiguous in q's dtype and lse (B, Hq, Lq) float32.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+        "Tensor? block_table, Tensor? alibi_slopes, float scale, int window_left, "
+        "int window_right, float softcap, int max_seqlen, int num_splits) "
+        "-> (Tensor out, Tensor lse)",
         {at::Tag::pt2_compliant_tag});
 
   // Quantized linear layers, inference only (formats: fastattn/quant.py, FORMAT_VERSION).

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile plans of the softmax, norm and attention Triton kernels for
+"""Ahead-of-time compile plans of the softmax, norm, attention and decode Triton kernels for
 tools/resource_report.py (which loads this file by path and adds plans(variant) to PLANS).
 Each plan lists the variants (resource_report.variant: types, constexprs, warps, int hints)
 the launcher in kernels/triton/<name>.py can pick on a GPU. The quantized linears' plans are in
@@ -16,7 +16,8 @@ FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 def plans(variant) -> dict:
     """kernels/triton/<name>.py stem -> plan(module) -> list of variants."""
     return {name: functools.partial(plan, variant) for name, plan in
-            (("softmax", softmax_plan), ("norm", norm_plan), ("attention", attention_plan))}
+            (("softmax", softmax_plan), ("norm", norm_plan), ("attention", attention_plan),
+             ("decode", decode_plan))}
 
 
 def softmax_plan(variant, module) -> list[dict]:
@@ -115,8 +116,10 @@ def attention_plan(variant, module) -> list[dict]:
     x head-dim bucket x dropout). A 16-bit config is compiled at the largest head dims it
     serves (BLOCK_E = BLOCK_EV = the largest bucket listing it; with dropout when a dropout list
     has it, and also without at a larger bucket of the lists without dropout), in bf16, twice:
-    with an additive float32 mask (a float32 tile per score; dq writing dz) and with is_causal
-    (dkdv then runs two inlined copies of its loop; dq zero-fills dz). A float32 config is
+    with an additive float32 mask (a float32 tile per score; dq writing dz) and without a mask
+    but varlen with a window (dq zero-fills dz); the dropout lists (which also serve ALiBi,
+    softcap and a mask with a window: attention._heavy) with ALiBi, softcap and the window on
+    too (so with the mask: every modifier at once). A float32 config is
     compiled at every bucket (its head-dim chunk loops make ptxas's register allocation vary
     with the head dims instead of growing with them), with dropout and the float32 mask. Plus
     a bool mask in fp16 and is_causal in float32 at one config per kernel, and
@@ -126,17 +129,24 @@ def attention_plan(variant, module) -> list[dict]:
     ints = ("E", "Ev", "q_sb", "q_sh", "q_sl", "k_sb", "k_sh", "k_ss", "v_sb", "v_sh", "v_ss",
             "m_sb", "m_sh", "m_sl", "m_cols", "do_sb", "do_sh", "do_sl", "o_sb", "o_sh", "o_sl")
 
-    def make(name, cfg, x, mask, kind, causal, dropout, bucket):
+    def make(name, cfg, x, mask, kind, causal, dropout, bucket, varlen=False):
+        """causal: a window (causal included). With dropout or float32 (the lists that serve
+        ALiBi, softcap and a mask with a window: attention._heavy) ALiBi, softcap and the
+        window are on as well, with or without the mask."""
         kernel = module._KERNELS[name]
         data = {p: f"*{x}" for p in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "dq_ptr",
                                      "dk_ptr", "dv_ptr")}
-        f32 = {p: "*fp32" for p in ("lse_ptr", "delta_ptr", "dz_ptr")}
-        scalars = {p: "fp32" for p in ("scale", "out_scale", "dropout_p")}
-        types = {k: t for k, t in {**data, **f32, **scalars, "mask_ptr": f"*{mask}"}.items()
+        f32 = {p: "*fp32" for p in ("lse_ptr", "delta_ptr", "dz_ptr", "alibi_ptr")}
+        scalars = {p: "fp32" for p in ("scale", "out_scale", "dropout_p", "softcap")}
+        types = {k: t for k, t in {**data, **f32, **scalars, "mask_ptr": f"*{mask}",
+                                   "cu_q_ptr": "*i32", "cu_k_ptr": "*i32"}.items()
                  if k in kernel.arg_names}
         bm, bn, warps, stages = cfg
         fp32 = x == "fp32"
-        consts = {"MASK_KIND": kind, "CAUSAL": causal, "DROPOUT": dropout, "WANT_DZ": True,
+        heavy = dropout or fp32  # (float32: one list for all)
+        consts = {"MASK_KIND": kind, "WINDOW": causal or (heavy and kind != 0),
+                  "ALIBI": heavy, "SOFTCAP": heavy,
+                  "VARLEN": varlen, "DROPOUT": dropout, "WANT_DZ": True,
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_E": bucket, "BLOCK_EV": bucket,
                   "BLOCK_CE": min(module.FP32_COLUMNS[name], bucket) if fp32 else bucket,
                   "BLOCK_CV": min(module.FP32_COLUMNS[name], bucket) if fp32 else bucket,
@@ -151,7 +161,7 @@ def attention_plan(variant, module) -> list[dict]:
             if dclass == "32":  # every bucket; with dropout when listed so (heavier)
                 if dropout or (name, dclass, bucket, True) not in module._CONFIGS or \
                         cfg not in module._CONFIGS[(name, dclass, bucket, True)]:
-                    out.append(make(name, cfg, "fp32", "fp32", 2, False, dropout, bucket))
+                    out.append(make(name, cfg, "fp32", "fp32", 2, True, dropout, bucket))
                 continue
             by_dropout = serves.setdefault((name, dclass, cfg), {})
             by_dropout[dropout] = max(by_dropout.get(dropout, 0), bucket)
@@ -159,15 +169,48 @@ def attention_plan(variant, module) -> list[dict]:
         for dropout, bucket in by_dropout.items():
             if dropout or bucket > by_dropout.get(True, 0):
                 out += [make(name, cfg, "bf16", "fp32", 2, False, dropout, bucket),
-                        make(name, cfg, "bf16", "bf16", 0, True, dropout, bucket)]
+                        make(name, cfg, "bf16", "bf16", 0, True, dropout, bucket, True)]
     for name in ("fwd", "dkdv", "dq"):
         out += [make(name, module._CONFIGS[(name, "16", 128, False)][0], "fp16", "i1", 1, False,
                      False, 128),
                 make(name, module._CONFIGS[(name, "32", 128, False)][0], "fp32", "fp32", 0, True,
+                     False, 128, True),
+                make(name, module._CONFIGS[(name, "16", 128, False)][0], "bf16", "bf16", 0, False,
                      False, 128)]
     for x, block_ev in itertools.product(FLOAT_DTYPES, (16, 32, 64, 128, 256)):
         out.append(variant(module._attn_bwd_delta, {"o_ptr": f"*{x}", "do_ptr": f"*{x}",
                                                     "delta_ptr": "*fp32"},
                            {"BLOCK_M": module.delta_block(block_ev), "BLOCK_EV": block_ev},
                            module.DELTA_WARPS, divisible=ints))
+    return out
+
+
+def decode_plan(variant, module) -> list[dict]:
+    """The split kernel at every dtype x head-dim bucket (64, 128, 256) config of
+    module.decode_config, paged (writing the split workspace) and contiguous (writing out / lse
+    directly), at the smallest and the largest row block (ROWS_CAP), with every score modifier
+    on (ALiBi,
+    softcap, window: the heaviest); the reduction at every BLOCK_EV. Head dims and strides
+    carry the divisible-by-16 hint (head dims 64, 128, 256)."""
+    import torch
+    ints = ("E", "Ev", "q_sb", "q_sl", "q_sh", "k_sp", "k_ss", "k_sh", "v_sp", "v_ss", "v_sh")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    out = []
+    for (x, dtype), d, paged, most in itertools.product(dtypes.items(), (64, 128, 256),
+                                                        (True, False), (False, True)):
+        cfg = module.decode_config(dtype, d, d)
+        rows = cfg["ROWS_CAP"] if most else 16
+        types = {"q_ptr": f"*{x}", "k_ptr": f"*{x}", "v_ptr": f"*{x}", "out_ptr": f"*{x}",
+                 "seqlens_ptr": "*i32", "bt_ptr": "*i32", "alibi_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32",
+                 "scale": "fp32", "softcap": "fp32"}
+        consts = {**cfg, "PAGED": paged, "ALIBI": True, "SOFTCAP": True, "WINDOW": True,
+                  "SPLIT": paged, "BLOCK_R": rows}
+        out.append(variant(module._decode_split, types, consts, cfg["num_warps"],
+                           cfg["num_stages"], ints))
+    for x, block_ev in itertools.product(FLOAT_DTYPES, (16, 32, 64, 128, 256)):
+        out.append(variant(module._decode_reduce, {"ws_out_ptr": "*fp32", "ws_lse_ptr": "*fp32",
+                                                   "out_ptr": f"*{x}", "lse_ptr": "*fp32"},
+                           {"BLOCK_S": module.REDUCE_BLOCK_S, "BLOCK_EV": block_ev},
+                           module.REDUCE_WARPS, divisible=("Ev",)))
     return out

@@ -28,7 +28,7 @@ TRITON_MAX_HEAD_DIM = 256
 
 # ---- operator registrations: fake (meta) kernels and autograd ---------------------------------
 
-def _fake_sdpa(q, k, v, mask, scale, is_causal, dropout_p, seed, offset):
+def _fake_sdpa(q, k, v, mask, scale, is_causal, dropout_p, seed, offset, *extras):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "fastattn.sdpa: the operator takes 4-d query, key and value")
     torch._check(q.dtype in backends.KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
@@ -37,13 +37,13 @@ def _fake_sdpa(q, k, v, mask, scale, is_causal, dropout_p, seed, offset):
     torch._check(k.shape[3] == q.shape[3],
                  lambda: f"fastattn.sdpa: key's last dim {k.shape[3]} must equal query's "
                          f"{q.shape[3]}")
-    B, Hq, L, _ = q.shape
-    return (q.new_empty((B, Hq, L, v.shape[3])),  # out (B, Hq, L, Ev)
-            q.new_empty((B, Hq, L), dtype=torch.float32))  # lse (B, Hq, L)
+    Bt, Hq, Lt, _ = q.shape
+    return (q.new_empty((Bt, Hq, Lt, v.shape[3])),  # out (Bt, Hq, Lt, Ev)
+            q.new_empty((Bt, Hq, Lt), dtype=torch.float32))  # lse (Bt, Hq, Lt)
 
 
 def _fake_sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed,
-                        offset, want_grad_mask):
+                        offset, want_grad_mask, *extras):
     torch._check(grad_out.shape == out.shape,
                  lambda: f"fastattn.sdpa_backward: grad_out shape {tuple(grad_out.shape)} must "
                          f"match out shape {tuple(out.shape)}")
@@ -53,12 +53,22 @@ def _fake_sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, is_causal, dro
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
 
 
+# The schema's trailing score-modifier / varlen arguments (kernels/registration.cpp), in order;
+# tensors among them: cu_seqlens_q, cu_seqlens_k, alibi_slopes.
+EXTRA_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "window_left",
+              "window_right", "bottom_right", "alibi_slopes", "softcap")
+_EXTRA_TENSORS = (0, 1, 7)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed, offset = inputs
+    q, k, v, mask, scale, is_causal, dropout_p, seed, offset = inputs[:9]
+    extras = list(inputs[9:])
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.args = (scale, is_causal, dropout_p, seed, offset)
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.extras = [None if i in _EXTRA_TENSORS else x for i, x in enumerate(extras)]
+    ctx.save_for_backward(q, k, v, out, lse, mask,
+                          *[extras[i] if i < len(extras) else None for i in _EXTRA_TENSORS])
 
 
 def _autograd_for(backward_op):
@@ -67,13 +77,18 @@ def _autograd_for(backward_op):
     canonical (B, Hq, L, S) shape; the expand that made that view sums it back)."""
 
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, *extra_tensors = ctx.saved_tensors
+        extras = list(ctx.extras)
+        for i, t in zip(_EXTRA_TENSORS, extra_tensors):
+            if i < len(extras):
+                extras[i] = t
         want_mask = bool(ctx.needs_input_grad[3])
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         gq, gk, gv, gm = backward_op(grad_out.contiguous(), q, k, v, out, lse, mask, *ctx.args,
-                                     want_mask)
-        return gq, gk, gv, (gm.to(mask.dtype) if want_mask else None), None, None, None, None, None
+                                     want_mask, *extras)
+        return (gq, gk, gv, (gm.to(mask.dtype) if want_mask else None),
+                *([None] * (5 + len(extras))))
 
     return backward
 

@@ -20,10 +20,14 @@ std::tuple<at::Tensor, at::Tensor> sdpa_cpu(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& v,
                                             const std::optional<at::Tensor>& mask, double scale,
                                             bool is_causal, double dropout_p, int64_t seed,
-                                            int64_t offset) {
-  const AttnInputs in =
-      prepare_attention("sdpa", q, k, v, mask, scale, is_causal, dropout_p, seed, offset);
-  auto [out, lse] = new_attention_outputs(in);  // out (B, Hq, L, Ev), lse (B, Hq, L)
+                                            int64_t offset, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    int64_t window_left, int64_t window_right, bool bottom_right,
+    const std::optional<at::Tensor>& alibi_slopes, double softcap) {
+  const AttnInputs in = prepare_attention("sdpa", q, k, v, mask, scale, is_causal, dropout_p, seed,
+                                          offset, AttnOptions{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                              window_right, bottom_right, alibi_slopes, softcap});
+  auto [out, lse] = new_attention_outputs(in);  // out (Bt, Hq, Lt, Ev), lse (Bt, Hq, Lt)
   const AttnForwardArgs a = attention_forward_args(in, out, lse);
   switch (cpu_isa()) {
     case Isa::Avx512: avx512::attention_forward(a); break;
@@ -37,13 +41,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     double scale, bool is_causal, double dropout_p, int64_t seed, int64_t offset,
-    bool want_grad_mask) {
+    bool want_grad_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    int64_t window_left, int64_t window_right, bool bottom_right,
+    const std::optional<at::Tensor>& alibi_slopes, double softcap) {
   const AttnInputs in = prepare_attention("sdpa_backward", q, k, v, mask, scale, is_causal,
-                                          dropout_p, seed, offset);
+                                          dropout_p, seed, offset, AttnOptions{cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                              window_right, bottom_right, alibi_slopes, softcap});
   check_attention_backward(in, grad_out, out, lse);
-  const at::Tensor dO = grad_out.contiguous();  // (B, Hq, L, Ev)
-  const at::Tensor O = out.contiguous();        // (B, Hq, L, Ev)
-  const at::Tensor lse_c = lse.contiguous();    // (B, Hq, L)
+  const at::Tensor dO = grad_out.contiguous();  // (Bt, Hq, Lt, Ev)
+  const at::Tensor O = out.contiguous();        // (Bt, Hq, Lt, Ev)
+  const at::Tensor lse_c = lse.contiguous();    // (Bt, Hq, Lt)
   AttnGrads grads = new_attention_grads(in, want_grad_mask);
   const AttnBackwardArgs a = attention_backward_args(in, dO, O, lse_c, grads);
   switch (cpu_isa()) {

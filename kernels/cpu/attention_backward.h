@@ -18,8 +18,8 @@
 // With grad_mask, pass 0 is pass b's kRowSum variant instead: D_i and P_i = sum_j p_ij from the
 // very p and dP that form dS, and every pass uses p / P_i (sum_j dS_ij then cancels to rounding).
 // Scores are recomputed bit-identical to the forward's (same sums, same order; dot_scores for
-// L <= kV), so p = exp(z - lse) is consistent with lse. Under is_causal the blocks wholly above
-// the diagonal are skipped in every pass.
+// L <= kV), so p = exp(z - lse) is consistent with lse. Blocks wholly outside the window (causal:
+// above the diagonal) are skipped in every pass.
 #pragma once
 #include "attention_forward.h"
 
@@ -31,7 +31,7 @@ namespace {
 // then cancels to the rounding of O instead of to the rounding of two different sums.
 template <typename T>
 void attention_row_dot(const AttnBackwardArgs& a, float* D) {
-  const int64_t rows = a.g.B * a.g.Hq * a.g.L, Ev = a.g.Ev;
+  const int64_t rows = a.g.Bt * a.g.Hq * a.g.Lt, Ev = a.g.Ev;
   const T* dO = static_cast<const T*>(a.grad_out);
   const T* O = static_cast<const T*>(a.out);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(Ev, 1)),
@@ -100,11 +100,14 @@ struct KvPass {
 
   void run(Scratch& w, int64_t b, int64_t hk, int64_t kb, float* dq) const {
     const AttnGeometry& g = a.g;
+    const AttnSeq sq = attn_seq(g, b);
     const Vec vscale(g.scale), ninf(kNegInf), zero(0.f);
-    const int64_t bhk = b * g.Hkv + hk;
-    const int64_t j0 = kb * BN, bn = std::min(BN, S - j0), nvj = ceil_div(bn, kV);
-    const T* k = static_cast<const T*>(a.k) + b * g.k_sb + hk * g.k_sh + j0 * g.k_ss;
-    const T* v = static_cast<const T*>(a.v) + b * g.v_sb + hk * g.v_sh + j0 * g.v_ss;
+    const int64_t j0 = kb * BN;
+    if (j0 >= sq.S) return;  // past this sequence's keys (fused mode: its dQ stays 0)
+    const int64_t bn = std::min(BN, sq.S - j0), nvj = ceil_div(bn, kV);
+    const int64_t Lb = sq.L, bhk_t = sq.tb * g.Hkv + hk;  // (tb, hk) of grad_k / grad_v
+    const T* k = static_cast<const T*>(a.k) + sq.tb * g.k_sb + hk * g.k_sh + (sq.row_k + j0) * g.k_ss;
+    const T* v = static_cast<const T*>(a.v) + sq.tb * g.v_sb + hk * g.v_sh + (sq.row_k + j0) * g.v_ss;
     float *kt = w.kt.get(), *vt = w.vt.get(), *s = w.s.get(), *dp = w.dp.get();
     float *dk = w.dk.get(), *dv = w.dv.get();
     if (L > kV) pack_transposed(k, g.k_ss, bn, E, kt, BN, nvj * kV);  // kt: E x BN
@@ -113,25 +116,30 @@ struct KvPass {
     const float* kf = dq ? rows_f32(k, g.k_ss, bn, E, Ep, w.kb.get(), &ldk) : nullptr;
     std::fill(dk, dk + BN * Ep, 0.f);
     std::fill(dv, dv + BN * Evp, 0.f);
-    // causal: queries before j0 see none of these keys
-    const int64_t i_begin = g.is_causal ? std::min(j0, L) : 0;
+    const uint64_t St = static_cast<uint64_t>(g.St);
 
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      const int64_t bh = b * g.Hq + h;
-      const T* qh = static_cast<const T*>(a.q) + b * g.q_sb + h * g.q_sh;
-      const T* doh = static_cast<const T*>(a.grad_out) + bh * L * Ev;
-      const float* lse = a.lse + bh * L;
-      const float* Dh = D + bh * L;
-      const float* Rh = R ? R + bh * L : nullptr;
-      float* gm = dq && a.grad_mask ? a.grad_mask + bh * L * S + j0 : nullptr;
+      const ScoreMods md = score_mods(g, sq, b, h);
+      // the queries that see some key of the block (window / causal)
+      const int64_t i_begin = query_lo(md, j0), i_end = query_hi(md, j0 + bn - 1);
+      const bool mods = md.softcap || md.alibi;
+      const int64_t row_t = (sq.tb * g.Hq + h) * g.Lt + sq.row_q;  // tensor row of query 0
+      const T* qh = static_cast<const T*>(a.q) + sq.tb * g.q_sb + h * g.q_sh + sq.row_q * g.q_sl;
+      const T* doh = static_cast<const T*>(a.grad_out) + row_t * Ev;
+      const float* lse = a.lse + row_t;
+      const float* Dh = D + row_t;
+      const float* Rh = R ? R + row_t : nullptr;
+      float* gm = dq && a.grad_mask ? a.grad_mask + (b * g.Hq + h) * L * S + j0 : nullptr;
       float* dqh = dq ? dq + (h - hk * group) * L * Ep : nullptr;
       const M* mask = nullptr;
       if constexpr (kMask) mask = static_cast<const M*>(a.mask) + b * g.m_sb + h * g.m_sh + j0;
       if (gm) {
-        for (int64_t i = 0; i < i_begin; ++i) std::fill(gm + i * S, gm + i * S + bn, 0.f);
+        for (int64_t i = 0; i < Lb; ++i) {
+          if (i < i_begin || i >= i_end) std::fill(gm + i * S, gm + i * S + bn, 0.f);
+        }
       }
-      for (int64_t i0 = i_begin; i0 < L; i0 += kBM) {
-        const int64_t bm = std::min(kBM, L - i0);
+      for (int64_t i0 = i_begin; i0 < i_end; i0 += kBM) {
+        const int64_t bm = std::min(kBM, i_end - i0);
         int64_t ldq, lddo;
         const float* qf = rows_f32(qh + i0 * g.q_sl, g.q_sl, bm, E, Ep, w.qb.get(), &ldq);
         const float* dof = rows_f32(doh + i0 * Ev, Ev, bm, Ev, Evp, w.dob.get(), &lddo);
@@ -147,24 +155,32 @@ struct KvPass {
         }
         for (int64_t i = 0; i < bm; ++i) {
           const int64_t qi = i0 + i;
-          // keys [0, keep) of the block are visible to query qi (the rest: padding or causal)
-          const int64_t keep = g.is_causal ? std::clamp<int64_t>(qi - j0 + 1, 0, bn) : bn;
+          // keys [lo, hi) of the block are visible to query qi (the rest: padding or window)
+          const int64_t lo = key_lo(md, qi) - j0, hi = std::min(key_hi(md, qi) - j0, bn);
           const Vec lse_i(lse[qi]), D_i(Dh[qi]), r_i(Rh ? Rh[qi] : 1.f);
-          const uint64_t idx0 = static_cast<uint64_t>((bh * L + qi) * S + j0);
+          const uint64_t idx0 = static_cast<uint64_t>(row_t + qi) * St + sq.row_k + j0;
           float* srow = s + i * BN;
           float* dprow = dp + i * BN;
+          float* gmrow = gm ? gm + qi * S : nullptr;
           for (int64_t vj = 0; vj < nvj; ++vj) {
-            const int64_t jj = vj * kV, cnt = keep - jj;
-            if (cnt <= 0) {
+            const int64_t jj = vj * kV;
+            if (jj >= hi || jj + kV <= lo) {
               zero.store(srow + jj);
               zero.store(dprow + jj);
+              if (gmrow) zero.store(gmrow + jj, std::min<int64_t>(kV, bn - jj));
               continue;
             }
-            Vec z = Vec::loadu(srow + jj) * vscale;
+            Vec z, th;
+            if (mods) {
+              const Vec sc = capped_score(md, Vec::loadu(srow + jj), &th);
+              z = md.alibi ? sc + alibi_bias(md, qi + md.d - j0 - jj, -1.f) : sc;
+            } else {
+              z = Vec::loadu(srow + jj) * vscale;
+            }
             if constexpr (kMask) {
               z = z + mask_vec(mask + qi * g.m_sl + jj, std::min<int64_t>(kV, bn - jj));
             }
-            z = keep_first(z, ninf, cnt);
+            z = set_first(keep_first(z, ninf, hi - jj), ninf, lo - jj);
             Vec p = fast_exp(z - lse_i);
             if (Rh) p = p * r_i;
             Vec pz = p, dpz = Vec::loadu(dprow + jj);
@@ -174,17 +190,19 @@ struct KvPass {
               dpz = dpz * f;
             }
             pz.store(srow + jj);
-            (p * (dpz - D_i)).store(dprow + jj);
+            Vec ds = p * (dpz - D_i);
+            if (gmrow) ds.store(gmrow + jj, std::min<int64_t>(kV, bn - jj));
+            if (md.softcap) ds = ds * softcap_grad(th);  // grad w.r.t. scale * q.k
+            ds.store(dprow + jj);
           }
-          if (gm) std::copy(dprow, dprow + bn, gm + qi * S);
         }
         tile_gemm(bn, Evp / kV, bm, s, 1, BN, dof, lddo, dv, Evp, true);  // dV += (pZ)^T dO
         tile_gemm(bn, Ep / kV, bm, dp, 1, BN, qf, ldq, dk, Ep, true);     // dK += dS^T Q
         if (dqh) tile_gemm(bm, Ep / kV, bn, dp, BN, 1, kf, ldk, dqh + i0 * Ep, Ep, true);
       }
     }
-    T* gk = static_cast<T*>(a.grad_k) + (bhk * S + j0) * E;
-    T* gv = static_cast<T*>(a.grad_v) + (bhk * S + j0) * Ev;
+    T* gk = static_cast<T*>(a.grad_k) + (bhk_t * g.St + sq.row_k + j0) * E;
+    T* gv = static_cast<T*>(a.grad_v) + (bhk_t * g.St + sq.row_k + j0) * Ev;
     for (int64_t j = 0; j < bn; ++j) {
       for (int64_t e = 0; e < E; e += kV) {
         store_f32(gk + j * E + e, Vec::loadu(dk + j * Ep + e) * vscale,
@@ -202,7 +220,7 @@ template <typename T, typename M>
 void attention_backward_kv(const AttnBackwardArgs& a, const float* D, const float* R) {
   const KvPass<T, M> pass(a, D, R);
   const int64_t nkb = ceil_div(a.g.S, pass.BN), BHk = a.g.B * a.g.Hkv;
-  // Task order: the first key blocks (the costliest under is_causal) first.
+  // Task order: the first key blocks (the costliest under a causal mask) first.
   run_tasks(nkb * BHk, [&] { return pass.scratch_for(false); },
             [&](auto& w, int64_t t) {
               const int64_t bhk = t % BHk;
@@ -228,13 +246,18 @@ void attention_backward_fused(const AttnBackwardArgs& a, const float* D, const f
               float* dq = w.dq.get();
               std::fill(dq, dq + dq_size, 0.f);
               for (int64_t kb = 0; kb < nkb; ++kb) pass.run(w.kv, b, hk, kb, dq);
-              // grad_q of the group's heads (contiguous: heads hk*group.. of batch b)
-              T* gq = static_cast<T*>(a.grad_q) + (b * g.Hq + hk * pass.group) * g.L * E;
+              // grad_q of the group's heads, rows [row_q, row_q + L_b) of each
+              const AttnSeq sq = attn_seq(g, b);
               const Vec vscale(g.scale);
-              for (int64_t r = 0; r < pass.group * g.L; ++r) {
-                for (int64_t e = 0; e < E; e += kV) {
-                  store_f32(gq + r * E + e, Vec::loadu(dq + r * Ep + e) * vscale,
-                            std::min<int64_t>(kV, E - e));
+              for (int64_t hh = 0; hh < pass.group; ++hh) {
+                const int64_t h = hk * pass.group + hh;
+                T* gq = static_cast<T*>(a.grad_q) + ((sq.tb * g.Hq + h) * g.Lt + sq.row_q) * E;
+                const float* dqh = dq + hh * g.L * Ep;
+                for (int64_t r = 0; r < sq.L; ++r) {
+                  for (int64_t e = 0; e < E; e += kV) {
+                    store_f32(gq + r * E + e, Vec::loadu(dqh + r * Ep + e) * vscale,
+                              std::min<int64_t>(kV, E - e));
+                  }
                 }
               }
             });
@@ -271,12 +294,17 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
 
   auto task = [&](Scratch& w, int64_t t) {
     const int64_t qb = nqb - 1 - t / BH, bh = t % BH, b = bh / g.Hq, h = bh % g.Hq;
-    const int64_t hk = h / group, i0 = qb * kBM, bm = std::min(kBM, L - i0);
-    const int64_t nvi = ceil_div(bm, kV);
-    const T* q = static_cast<const T*>(a.q) + b * g.q_sb + h * g.q_sh + i0 * g.q_sl;
-    const T* dO = static_cast<const T*>(a.grad_out) + (bh * L + i0) * Ev;
-    const T* k = static_cast<const T*>(a.k) + b * g.k_sb + hk * g.k_sh;
-    const T* v = static_cast<const T*>(a.v) + b * g.v_sb + hk * g.v_sh;
+    const AttnSeq sq = attn_seq(g, b);
+    const int64_t hk = h / group, i0 = qb * kBM;
+    if (i0 >= sq.L) return;  // varlen: past this sequence's queries
+    const int64_t bm = std::min(kBM, sq.L - i0), nvi = ceil_div(bm, kV);
+    const ScoreMods md = score_mods(g, sq, b, h);
+    const bool mods = md.softcap || md.alibi;
+    const int64_t row_t = (sq.tb * g.Hq + h) * g.Lt + sq.row_q + i0;  // tensor row of query i0
+    const T* q = static_cast<const T*>(a.q) + sq.tb * g.q_sb + h * g.q_sh + (sq.row_q + i0) * g.q_sl;
+    const T* dO = static_cast<const T*>(a.grad_out) + row_t * Ev;
+    const T* k = static_cast<const T*>(a.k) + sq.tb * g.k_sb + hk * g.k_sh + sq.row_k * g.k_ss;
+    const T* v = static_cast<const T*>(a.v) + sq.tb * g.v_sb + hk * g.v_sh + sq.row_k * g.v_ss;
     const M* mask = nullptr;
     if constexpr (kMask) {
       mask = static_cast<const M*>(a.mask) + b * g.m_sb + h * g.m_sh + i0 * g.m_sl;
@@ -292,16 +320,17 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
     pack_transposed(dO, Ev, bm, Ev, dot, kBM, nvi * kV);     // dOt: Ev x kBM
     // padding lanes: lse +inf gives p = 0 there
     for (int64_t i = 0; i < kBM; ++i) {
-      lsev[i] = i < bm ? a.lse[bh * L + i0 + i] : kPosInf;
-      dv[i] = i < bm && !kRowSum ? D[bh * L + i0 + i] : 0.f;  // kRowSum: accumulates D
-      rv[i] = kRowSum ? 0.f : (R && i < bm ? R[bh * L + i0 + i] : 1.f);
+      lsev[i] = i < bm ? a.lse[row_t + i] : kPosInf;
+      dv[i] = i < bm && !kRowSum ? D[row_t + i] : 0.f;  // kRowSum: accumulates D
+      rv[i] = kRowSum ? 0.f : (R && i < bm ? R[row_t + i] : 1.f);
     }
     std::fill(dq, dq + kBM * Ep, 0.f);
+    // grad_mask (dense batches only): (b, h, i0) row of (B, Hq, L, S)
     float* gm = a.grad_mask && !kRowSum ? a.grad_mask + (bh * L + i0) * S : nullptr;
-    const uint64_t row_idx0 = static_cast<uint64_t>(bh * L + i0);
+    const uint64_t St = static_cast<uint64_t>(g.St), col0 = static_cast<uint64_t>(sq.row_k);
 
-    const int64_t j_end = g.is_causal ? std::min(S, i0 + bm) : S;
-    for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+    const int64_t j_begin = key_lo(md, i0), j_end = key_hi(md, i0 + bm - 1);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
       const int64_t bn = std::min(BN, j_end - j0);
       int64_t ldk, ldv;
       const float* kf = rows_f32(k + j0 * g.k_ss, g.k_ss, bn, E, Ep, w.kb.get(), &ldk);
@@ -317,24 +346,32 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
         tile_gemm(bn, nvi, Ev, vf, ldv, 1, dot, kBM, dpt, kBM, false);    // dPt = V_blk . dOt
       }
       if constexpr (kMask) pack_mask_transposed(mask + j0, g.m_sl, bm, bn, mt, kBM);
-      const bool partial_causal = g.is_causal && j0 + bn - 1 > i0;
+      const bool partial = window_cuts(md, i0, i0 + bm, j0, j0 + bn);
       for (int64_t j = 0; j < bn; ++j) {
         for (int64_t vi = 0; vi < nvi; ++vi) {
           const int64_t off = j * kBM + vi * kV;
-          Vec z = Vec::loadu(st + off) * vscale;
+          Vec z, th;
+          if (mods) {
+            const Vec sc = capped_score(md, Vec::loadu(st + off), &th);
+            z = md.alibi ? sc + alibi_bias(md, i0 + vi * kV + md.d - j0 - j, 1.f) : sc;
+          } else {
+            z = Vec::loadu(st + off) * vscale;
+          }
           if constexpr (kMask) z = z + Vec::loadu(mt + off);
-          if (partial_causal) z = set_first(z, ninf, j0 + j - (i0 + vi * kV));
+          if (partial) z = window_q_lanes(md, z, i0 + vi * kV, j0 + j);
           Vec p = fast_exp(z - Vec::loadu(lsev + vi * kV));
           Vec dpz = Vec::loadu(dpt + off);
+          const uint64_t idx = (row_t + vi * kV) * St + col0 + j0 + j;
           if constexpr (kRowSum) {
             (Vec::loadu(rv + vi * kV) + p).store(rv + vi * kV);
-            if (drop.on) p = p * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
+            if (drop.on) p = p * dropout_factors(drop, idx, St);
             at::vec::fmadd(p, dpz, Vec::loadu(dv + vi * kV)).store(dv + vi * kV);
             continue;
           }
           if (R) p = p * Vec::loadu(rv + vi * kV);
-          if (drop.on) dpz = dpz * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
+          if (drop.on) dpz = dpz * dropout_factors(drop, idx, St);
           (p * (dpz - Vec::loadu(dv + vi * kV))).store(dpt + off);
+          if (md.softcap) th.store(st + off);  // tanh, for dQ's softcap_grad
         }
       }
       if (gm) {  // grad_mask rows i, keys [j0, j0 + bn): dS transposed back
@@ -343,20 +380,30 @@ void attention_backward_q(const AttnBackwardArgs& a, float* D, float* R) {
           for (int64_t j = 0; j < bn; ++j) row[j] = dpt[j * kBM + i];
         }
       }
-      if (!kRowSum) tile_gemm(bm, Ep / kV, bn, dpt, 1, kBM, kf, ldk, dq, Ep, true);  // dQ += dS.K
+      if (!kRowSum) {
+        if (md.softcap) {  // dQ takes dS * d(capped)/d(scale q.k)
+          for (int64_t off = 0; off < bn * kBM; off += kV) {
+            (Vec::loadu(dpt + off) * softcap_grad(Vec::loadu(st + off))).store(dpt + off);
+          }
+        }
+        tile_gemm(bm, Ep / kV, bn, dpt, 1, kBM, kf, ldk, dq, Ep, true);  // dQ += dS . K
+      }
     }
     if constexpr (kRowSum) {
       for (int64_t i = 0; i < bm; ++i) {
         const float P = rv[i];  // 0: no unmasked key (then D is 0 too)
-        R[bh * L + i0 + i] = P > 0.f ? 1.f / P : 0.f;
-        D[bh * L + i0 + i] = P > 0.f ? dv[i] / P : 0.f;
+        R[row_t + i] = P > 0.f ? 1.f / P : 0.f;
+        D[row_t + i] = P > 0.f ? dv[i] / P : 0.f;
       }
       return;
     }
-    if (gm && j_end < S) {
-      for (int64_t i = 0; i < bm; ++i) std::fill(gm + i * S + j_end, gm + (i + 1) * S, 0.f);
+    if (gm) {  // keys outside [j_begin, j_end): dS = 0
+      for (int64_t i = 0; i < bm; ++i) {
+        std::fill(gm + i * S, gm + i * S + std::min(j_begin, S), 0.f);
+        std::fill(gm + i * S + std::max(j_end, j_begin), gm + (i + 1) * S, 0.f);
+      }
     }
-    T* gq = static_cast<T*>(a.grad_q) + (bh * L + i0) * E;
+    T* gq = static_cast<T*>(a.grad_q) + row_t * E;
     for (int64_t i = 0; i < bm; ++i) {
       for (int64_t e = 0; e < E; e += kV) {
         store_f32(gq + i * E + e, Vec::loadu(dq + i * Ep + e) * vscale,
@@ -380,9 +427,9 @@ inline bool use_fused_backward(const AttnGeometry& g) {
 template <typename T, typename M>
 void attention_backward_typed(const AttnBackwardArgs& a) {
   const AttnGeometry& g = a.g;
-  std::unique_ptr<float[]> D = scratch(g.B * g.Hq * g.L), R;
+  std::unique_ptr<float[]> D = scratch(g.Bt * g.Hq * g.Lt), R;
   if (a.grad_mask) {  // dS itself is an output: D and R summed from p and dP (see pass b)
-    R = scratch(g.B * g.Hq * g.L);
+    R = scratch(g.Bt * g.Hq * g.Lt);
     attention_backward_q<T, M, true>(a, D.get(), R.get());
   } else {
     attention_row_dot<T>(a, D.get());

@@ -10,7 +10,7 @@
 //   l = alpha * l + sum_j p; o = alpha * o + (p * dropout) V_blk  (o: kBM x Ev float32)
 // A block of at most kV queries (decoding, the last rows of a sequence) puts the keys along the
 // lanes instead and runs the same online softmax along each row. Keys stream in blocks; under
-// is_causal key blocks past the block's last query are never visited. At the end out = o / l
+// a window (causal) key blocks outside the block's visible range are never visited. At the end out = o / l
 // and lse = m + log(l); a row without any unmasked key (l == 0) gets out = 0 and lse = +inf.
 #pragma once
 #include <ATen/Parallel.h>
@@ -82,13 +82,17 @@ void attention_forward_typed(const AttnForwardArgs& a) {
                    scratch(kBM), scratch(kBM)};
   };
 
-  // Task order: the last query blocks (the costliest under is_causal) first.
+  // Task order: the last query blocks (the costliest under a causal mask) first.
   auto task = [&](Scratch& w, int64_t t) {
     const int64_t qb = nqb - 1 - t / BH, bh = t % BH, b = bh / g.Hq, h = bh % g.Hq;
-    const int64_t hk = h / group, i0 = qb * kBM, bm = std::min(kBM, L - i0);
-    const T* q = static_cast<const T*>(a.q) + b * g.q_sb + h * g.q_sh + i0 * g.q_sl;
-    const T* k = static_cast<const T*>(a.k) + b * g.k_sb + hk * g.k_sh;
-    const T* v = static_cast<const T*>(a.v) + b * g.v_sb + hk * g.v_sh;
+    const AttnSeq sq = attn_seq(g, b);
+    const int64_t hk = h / group, i0 = qb * kBM;
+    if (i0 >= sq.L) return;  // varlen: past this sequence's queries
+    const int64_t bm = std::min(kBM, sq.L - i0);
+    const ScoreMods md = score_mods(g, sq, b, h);
+    const T* q = static_cast<const T*>(a.q) + sq.tb * g.q_sb + h * g.q_sh + (sq.row_q + i0) * g.q_sl;
+    const T* k = static_cast<const T*>(a.k) + sq.tb * g.k_sb + hk * g.k_sh + sq.row_k * g.k_ss;
+    const T* v = static_cast<const T*>(a.v) + sq.tb * g.v_sb + hk * g.v_sh + sq.row_k * g.v_ss;
     const M* mask = nullptr;
     if constexpr (kMask) {
       mask = static_cast<const M*>(a.mask) + b * g.m_sb + h * g.m_sh + i0 * g.m_sl;
@@ -99,8 +103,12 @@ void attention_forward_typed(const AttnForwardArgs& a) {
     std::fill(mrow, mrow + kBM, kNegInf);
     std::fill(lrow, lrow + kBM, 0.f);
     std::fill(o, o + kBM * Evp, 0.f);
-    const uint64_t row_idx0 = static_cast<uint64_t>(bh * L + i0);  // dropout: (bh, i0) row
-    const int64_t j_end = g.is_causal ? std::min(S, i0 + bm) : S;
+    // tensor row of query i0 in (Bt * Hq * Lt); dropout index (row_t + i) * St + row_k + j
+    const int64_t row_t = (sq.tb * g.Hq + h) * g.Lt + sq.row_q + i0;
+    const uint64_t St = static_cast<uint64_t>(g.St), col0 = static_cast<uint64_t>(sq.row_k);
+    // the keys any query of the block sees (window / causal: blocks outside are skipped)
+    const int64_t j_begin = key_lo(md, i0), j_end = key_hi(md, i0 + bm - 1);
+    const bool mods = md.softcap || md.alibi;
 
     if (bm <= kV) {
       // A block of at most one vector of queries (decoding, short L): queries along the lanes
@@ -110,7 +118,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
       // use dot_scores, else both sum each q . k as tile_gemm's chains of multiply-adds.)
       int64_t ldq;
       const float* qf = rows_f32(q, g.q_sl, bm, E, E, qt, &ldq);
-      for (int64_t j0 = 0; j0 < j_end; j0 += BNr) {
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += BNr) {
         const int64_t bn = std::min(BNr, j_end - j0), nvj = ceil_div(bn, kV);
         int64_t ldv;
         const float* vf = rows_f32(v + j0 * g.v_ss, g.v_ss, bn, Ev, Evp, w.vb.get(), &ldv);
@@ -121,17 +129,24 @@ void attention_forward_typed(const AttnForwardArgs& a) {
         }
         for (int64_t i = 0; i < bm; ++i) {
           float* row = st + i * BNr;
-          // keys [0, keep) of the block are visible to query i0 + i (the rest: padding, causal)
-          const int64_t keep = g.is_causal ? std::clamp<int64_t>(i0 + i - j0 + 1, 0, bn) : bn;
+          // keys [lo, hi) of the block are visible to query i0 + i (the rest: padding, window)
+          const int64_t lo = key_lo(md, i0 + i) - j0;
+          const int64_t hi = std::min(key_hi(md, i0 + i) - j0, bn);
           Vec vmax(kNegInf);
           for (int64_t jj = 0; jj < nvj * kV; jj += kV) {
-            Vec z = Vec::loadu(row + jj) * vscale;
+            Vec z;
+            if (mods) {
+              z = capped_score(md, Vec::loadu(row + jj));
+              if (md.alibi) z = z + alibi_bias(md, i0 + i + md.d - j0 - jj, -1.f);
+            } else {
+              z = Vec::loadu(row + jj) * vscale;
+            }
             if constexpr (kMask) {
               if (jj < bn) {
                 z = z + mask_vec(mask + i * g.m_sl + j0 + jj, std::min<int64_t>(kV, bn - jj));
               }
             }
-            z = keep_first(z, ninf, keep - jj);
+            z = set_first(keep_first(z, ninf, hi - jj), ninf, lo - jj);
             z.store(row + jj);
             vmax = vec_max(vmax, z);
           }
@@ -146,7 +161,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
           for (int64_t jj = 0; jj < nvj * kV; jj += kV) {
             Vec p = fast_exp(Vec::loadu(row + jj) - vm);
             sum = sum + p;
-            if (drop.on) p = p * dropout_factors(drop, (row_idx0 + i) * S + j0 + jj, 1);
+            if (drop.on) p = p * dropout_factors(drop, (row_t + i) * St + col0 + j0 + jj, 1);
             p.store(row + jj);
           }
           mrow[i] = m_new;
@@ -158,7 +173,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
     } else {
       const int64_t nvi = ceil_div(bm, kV);  // query vectors of the block
       pack_transposed(q, g.q_sl, bm, E, qt, kBM, nvi * kV);  // qt: E x kBM (zero padded)
-      for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += BN) {
         const int64_t bn = std::min(BN, j_end - j0);
         int64_t ldk, ldv;
         const float* kf = rows_f32(k + j0 * g.k_ss, g.k_ss, bn, E, E, w.kb.get(), &ldk);
@@ -166,18 +181,20 @@ void attention_forward_typed(const AttnForwardArgs& a) {
         // st (bn x kBM) = K_blk . qt
         tile_gemm(bn, nvi, E, kf, ldk, 1, qt, kBM, st, kBM, false, kKC);
         if constexpr (kMask) pack_mask_transposed(mask + j0, g.m_sl, bm, bn, mt, kBM);
-        // causal: key j0 + j is masked for the first (j0 + j - i0 - lane0) lanes of a vector
-        const bool partial_causal = g.is_causal && j0 + bn - 1 > i0;
+        // the window (causal) masks some (query, key) pair of this tile
+        const bool partial = window_cuts(md, i0, i0 + bm, j0, j0 + bn);
 
         // Full blocks: the loops over the query vectors have a compile-time count and unroll into
-        // registers; a last partial block (or L < kBM) runs them to its own count.
-        auto softmax_block = [&](auto full) {
+        // registers; a last partial block (or L < kBM) runs them to its own count. kMods: softcap
+        // or ALiBi on (compile-time, so the plain path is unchanged).
+        auto softmax_block = [&](auto full, auto with_mods) {
+          constexpr bool kMods = decltype(with_mods)::value;
           const int nq = decltype(full)::value ? kNQ : static_cast<int>(nvi);
           // pass 1: the block max of z per query. Keys outer, query vectors inner: kNQ
           // independent max chains (one chain of kV-wide maxima would be latency bound). Without
-          // mask or causal cut and with scale > 0, max z = scale * max s and z is formed in pass 2
-          // (fold); otherwise z is formed here, in place.
-          const bool fold = !kMask && !partial_causal && g.scale > 0.f;
+          // mask, modifiers or window cut and with scale > 0, max z = scale * max s and z is
+          // formed in pass 2 (fold); otherwise z is formed here, in place.
+          const bool fold = !kMods && !kMask && !partial && g.scale > 0.f;
           Vec bmax[kNQ];
           for (int vi = 0; vi < nq; ++vi) bmax[vi] = ninf;
           if (fold) {
@@ -194,9 +211,15 @@ void attention_forward_typed(const AttnForwardArgs& a) {
               float* row = st + j * kBM;
 #pragma GCC unroll 8
               for (int vi = 0; vi < nq; ++vi) {
-                Vec z = Vec::loadu(row + vi * kV) * vscale;
+                Vec z;
+                if constexpr (kMods) {
+                  z = capped_score(md, Vec::loadu(row + vi * kV));
+                  if (md.alibi) z = z + alibi_bias(md, i0 + vi * kV + md.d - j0 - j, 1.f);
+                } else {
+                  z = Vec::loadu(row + vi * kV) * vscale;
+                }
                 if constexpr (kMask) z = z + Vec::loadu(mt + j * kBM + vi * kV);
-                if (partial_causal) z = set_first(z, ninf, j0 + j - (i0 + vi * kV));
+                if (partial) z = window_q_lanes(md, z, i0 + vi * kV, j0 + j);
                 z.store(row + vi * kV);
                 bmax[vi] = vec_max(bmax[vi], z);
               }
@@ -226,7 +249,7 @@ void attention_forward_typed(const AttnForwardArgs& a) {
                 Vec p = fast_exp(Vec::loadu(row + vi * kV) * zscale + neg_m[vi]);
                 sum[vi] = sum[vi] + p;
                 if constexpr (decltype(with_dropout)::value) {
-                  p = p * dropout_factors(drop, (row_idx0 + vi * kV) * S + j0 + j, S);
+                  p = p * dropout_factors(drop, (row_t + vi * kV) * St + col0 + j0 + j, St);
                 }
                 p.store(row + vi * kV);
               }
@@ -243,10 +266,16 @@ void attention_forward_typed(const AttnForwardArgs& a) {
             at::vec::fmadd(l, Vec::loadu(alpha + vi * kV), sum[vi]).store(lrow + vi * kV);
           }
         };
-        if (nvi == kNQ) {
-          softmax_block(std::true_type{});
+        if (mods) {
+          if (nvi == kNQ) {
+            softmax_block(std::true_type{}, std::true_type{});
+          } else {
+            softmax_block(std::false_type{}, std::true_type{});
+          }
+        } else if (nvi == kNQ) {
+          softmax_block(std::true_type{}, std::false_type{});
         } else {
-          softmax_block(std::false_type{});
+          softmax_block(std::false_type{}, std::false_type{});
         }
         // o = alpha * o + P . V_blk   (P (bm x bn) is st transposed: element (i, j) at st[j*kBM+i])
         for (int64_t i = 0; i < bm; ++i) {
@@ -258,8 +287,8 @@ void attention_forward_typed(const AttnForwardArgs& a) {
     }
 
     // out = o / l (a division: rounded once), lse = m + log(l); l == 0: out 0, lse +inf
-    T* out = static_cast<T*>(a.out) + (bh * L + i0) * Ev;
-    float* lse = a.lse + bh * L + i0;
+    T* out = static_cast<T*>(a.out) + row_t * Ev;
+    float* lse = a.lse + row_t;
     for (int64_t i = 0; i < bm; ++i) {
       const float l = lrow[i];
       const Vec vl(l > 0.f ? l : kPosInf);  // o / inf = 0 for a row without unmasked keys

@@ -7,6 +7,7 @@
 #error "include an isa_<name>.h first"
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -234,6 +235,72 @@ inline Vec vec_max(const Vec& a, const Vec& b) {
 #else
   return at::vec::maximum(a, b);
 #endif
+}
+
+
+// The score modifiers of one (sequence, head) (fastattn/attention_args.h): scale and softcap
+// of the product, ALiBi, the window (sequence-local i, j; diagonal offset d).
+struct ScoreMods {
+  float scale, cap, inv_cap, neg_slope;  // cap 0: no softcap
+  bool softcap, alibi;
+  int64_t d, wl, wr, L, S;  // L, S: the sequence's query rows and keys
+};
+
+inline ScoreMods score_mods(const AttnGeometry& g, const AttnSeq& sq, int64_t b, int64_t h) {
+  const bool cap = g.softcap > 0.f;
+  return ScoreMods{g.scale, g.softcap, cap ? 1.f / g.softcap : 0.f,
+                   g.alibi ? -g.alibi[b * g.alibi_sb + h] : 0.f, cap, g.alibi != nullptr,
+                   sq.diag, g.window_left, g.window_right, sq.L, sq.S};
+}
+
+// Visible keys [key_lo(i), key_hi(i)) of query i; queries [query_lo(j), query_hi(j)) seeing key
+// j (all clamped to the sequence). Both bounds grow with i (with j).
+inline int64_t key_lo(const ScoreMods& m, int64_t i) {
+  return m.wl < 0 ? 0 : std::clamp<int64_t>(i + m.d - m.wl, 0, m.S);
+}
+inline int64_t key_hi(const ScoreMods& m, int64_t i) {
+  return m.wr < 0 ? m.S : std::clamp<int64_t>(i + m.d + m.wr + 1, 0, m.S);
+}
+inline int64_t query_lo(const ScoreMods& m, int64_t j) {
+  return m.wr < 0 ? 0 : std::clamp<int64_t>(j - m.d - m.wr, 0, m.L);
+}
+inline int64_t query_hi(const ScoreMods& m, int64_t j) {
+  return m.wl < 0 ? m.L : std::clamp<int64_t>(j - m.d + m.wl + 1, 0, m.L);
+}
+
+// Whether the window masks some pair of the tile queries [i0, i1) x keys [j0, j1).
+inline bool window_cuts(const ScoreMods& m, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  return (m.wl >= 0 && j0 < i1 - 1 + m.d - m.wl) || (m.wr >= 0 && j1 - 1 > i0 + m.d + m.wr);
+}
+
+// s = scale * (q.k), then softcap * tanh(s / softcap) when on: the "capped" score (th: that
+// tanh, for the backward's softcap_grad).
+inline Vec capped_score(const ScoreMods& m, const Vec& raw, Vec* th = nullptr) {
+  Vec s = raw * Vec(m.scale);
+  if (m.softcap) {
+    const Vec y = (s * Vec(m.inv_cap)).tanh();
+    if (th) *th = y;
+    s = Vec(m.cap) * y;
+  }
+  return s;
+}
+
+// d(capped)/d(scale q.k) = 1 - tanh^2, as (1 - y)(1 + y): no cancellation near |y| = 1.
+inline Vec softcap_grad(const Vec& y) { return (Vec(1.f) - y) * (Vec(1.f) + y); }
+
+// ALiBi bias of lanes l: -slope * |x0 + sign * l| (x0 = i + d - j of lane 0; sign +1 with the
+// queries along the lanes, -1 with the keys).
+inline Vec alibi_bias(const ScoreMods& m, int64_t x0, float sign) {
+  const Vec lanes = Vec::arange(0.f, sign);
+  return Vec(m.neg_slope) * (Vec(static_cast<float>(x0)) + lanes).abs();
+}
+
+// Window masking of z: queries along the lanes (lanes i_first + l, one key j).
+inline Vec window_q_lanes(const ScoreMods& m, const Vec& z, int64_t i_first, int64_t j) {
+  Vec r = z;
+  if (m.wr >= 0) r = set_first(r, Vec(kNegInf), j - m.d - m.wr - i_first);
+  if (m.wl >= 0) r = keep_first(r, Vec(kNegInf), j - m.d + m.wl + 1 - i_first);
+  return r;
 }
 
 }  // namespace

@@ -2,12 +2,16 @@
 // Layouts, helpers and the host checks: kernels/cuda/attention_common.cuh; the operator:
 // kernels/cuda/attention.cu.
 //
-// One CTA (4 warps) per (block of BM = 64 queries, b * Hq + h); warp w owns queries
-// m0 + 16 w .. m0 + 16 w + 15. The CTA walks key blocks of BN keys (under is_causal only those
-// up to its last query); per block, in each warp:
+// One CTA (4 warps) per (block of BM = 64 queries, b * Hq + h) over the largest sequence
+// (varlen: sequence b's blocks past its L_b exit at once); warp w owns queries m0 + 16 w ..
+// m0 + 16 w + 15 (sequence-local; tensor rows row_q + i). The CTA walks only the key blocks
+// that meet its rows' window [i0 + d - left, i_last + d + right] (causal: right = 0); per block,
+// in each warp:
 //   S (16 x BN)  = Q K^T                 mma, Q as A fragments (registers for E <= 64, else
 //                                         ldmatrix from shared memory each block), K via ldmatrix
-//   z = S scale log2(e) + mask log2(e)   (-inf: masked, causal j > i, j >= S)
+//   z = s + alibi + mask, in log2 units  (s = scale S, or softcap tanh(scale S / softcap);
+//                                         -inf: masked, outside the window, j >= S_b)
+// ALiBi / softcap run in the MODS instantiation only, so the plain kernel keeps its registers.
 //   m_new = max(m, rowmax z); alpha = 2^(m - m_new); p = 2^(z - m_new)
 //   l = alpha l + rowsum p (before dropout); O = alpha O + (p * keep) V   (V: ldmatrix .trans)
 // Row max / sum: each thread holds 2 rows (gid, gid + 8) of the tile; the 4 threads of a quad
@@ -30,6 +34,9 @@ struct FwdCfg {
   static constexpr int BN = E <= 128 ? 64 : 32;  // keys per block
   static constexpr bool kQRegs = E <= 64;        // Q fragments in registers, else ldmatrix per block
   static constexpr int kMinBlocks = E <= 64 ? 4 : (E == 128 ? 3 : 1);
+  // The MODS (ALiBi / softcap) kernels: one CTA less per SM at E <= 64 (the softcap's tanhf and
+  // the ALiBi distances do not fit 128 registers without spills).
+  static constexpr int min_blocks(bool mods) { return mods && E <= 64 ? 3 : kMinBlocks; }
   static constexpr int LD = E + 8;               // shared-memory row pitch (elements)
   static constexpr int NT = BN / 8;              // score n-tiles per warp
   static constexpr int OT = E / 8;               // output n-tiles per warp
@@ -41,8 +48,8 @@ struct FwdCfg {
 };
 
 // Grid: (B * Hq, min(query blocks, 65535)); a CTA walks query blocks y, y + gridDim.y, ...
-template <typename T, int E>
-__global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
+template <typename T, int E, bool MODS>
+__global__ void __launch_bounds__(kThreads, FwdCfg<E>::min_blocks(MODS))
     attn_fwd_kernel(const AttnForwardArgs a, int64_t n_mblocks) {
   using C = FwdCfg<E>;
   constexpr int BM = C::BM, BN = C::BN, LD = C::LD, NT = C::NT, OT = C::OT, KQ = C::KQ;
@@ -54,25 +61,28 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
   const AttnGeometry& g = a.g;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  const int64_t bh = blockIdx.x, b = bh / g.Hq, h = bh % g.Hq, hk = h / (g.Hq / g.Hkv);
-  const T* q = static_cast<const T*>(a.q) + b * g.q_sb + h * g.q_sh;   // (L, E), row stride q_sl
-  const T* k = static_cast<const T*>(a.k) + b * g.k_sb + hk * g.k_sh;  // (S, E), row stride k_ss
-  const T* v = static_cast<const T*>(a.v) + b * g.v_sb + hk * g.v_sh;  // (S, E), row stride v_ss
-  T* out = static_cast<T*>(a.out) + bh * g.L * E;                      // (L, E) contiguous
-  float* lse = a.lse + bh * g.L;                                       // (L,)
-  const ScoreCtx sc = make_score_ctx<T>(g, a.mask, b, h);
-  const bool has_mask = g.mask_kind != AttnMaskKind::None;
+  const int64_t b = blockIdx.x / g.Hq, h = blockIdx.x % g.Hq, hk = h / (g.Hq / g.Hkv);
   const bool dropout = g.dropout_p > 0.f;
   const float rkeep = 1.f / (1.f - g.dropout_p);
 
   for (int64_t mb = blockIdx.y; mb < n_mblocks; mb += gridDim.y) {
     const int64_t m0 = (n_mblocks - 1 - mb) * BM;  // last query blocks first: longest under causal
+    // Sequence b (re-read per query block and again for the stores: registers are tight, and
+    // what is derived from it is dead during the key loop).
+    const SeqI sq = seq_of(g, b);  // tensor batch tb, first rows, lengths L_b / S_b, diagonal
+    if (m0 >= sq.L) continue;      // past this sequence (varlen): no rows
+    const T* q = static_cast<const T*>(a.q) + sq.tb * g.q_sb + h * g.q_sh + sq.row_q * g.q_sl;  // (L_b, E)
+    const T* k = static_cast<const T*>(a.k) + sq.tb * g.k_sb + hk * g.k_sh + sq.row_k * g.k_ss;  // (S_b, E)
+    const T* v = static_cast<const T*>(a.v) + sq.tb * g.v_sb + hk * g.v_sh + sq.row_k * g.v_ss;  // (S_b, E)
+    const ScoreCtx sc = make_score_ctx<T>(g, a.mask, b, h, sq);
     const int64_t row_w = m0 + warp * 16;          // this warp's first query
-    const int64_t n_end = g.is_causal ? min64(g.S, m0 + BM) : g.S;
-    const int64_t nb = ceil_div(n_end, BN);
+    int64_t n_lo, n_hi;                            // keys any row of the block can see
+    keys_for_rows(m0, min64(m0 + BM, sq.L) - 1, sq.S, sc.diag, sc.wl, sc.wr, n_lo, n_hi);
+    const int64_t jb = n_lo / BN, je = n_hi > n_lo ? ceil_div(n_hi, BN) : jb;  // key blocks
 
-    load_tile<BM, E, LD>(sQ, q, g.q_sl, m0, g.L);
-    if (nb > 0) load_tile<BN, E, LD>(sK, k, g.k_ss, 0, g.S);
+    const RowBounds rb = row_bounds<false>(sc, static_cast<int>(row_w), lane);  // visible keys per row
+    load_tile<BM, E, LD>(sQ, q, g.q_sl, m0, sq.L);
+    if (je > jb) load_tile<BN, E, LD>(sK, k, g.k_ss, jb * BN, sq.S);
     cp_async_commit();
 
     uint32_t qf[C::kQRegs ? KQ : 1][4];
@@ -80,14 +90,14 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
     zero_acc(o);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
-    for (int64_t j = 0; j < nb; ++j) {
+    for (int64_t j = jb; j < je; ++j) {
       const int64_t n0 = j * BN;
       cp_async_wait_all();
       __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
-      load_tile<BN, E, LD>(sV, v, g.v_ss, n0, g.S);
+      load_tile<BN, E, LD>(sV, v, g.v_ss, n0, sq.S);
       cp_async_commit();
       if constexpr (C::kQRegs) {
-        if (j == 0) {
+        if (j == jb) {
 #pragma unroll
           for (int kk = 0; kk < KQ; ++kk) ldsm_x4(qf[kk], a_addr<LD>(sQ, warp * 16, kk * 16, lane));
         }
@@ -115,8 +125,8 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
       }
 
       // Online softmax (log2 units) on this warp's rows.
-      const bool full = !has_mask && n0 + BN <= g.S && !(g.is_causal && n0 + BN - 1 > row_w);
-      scores_log2<T, false>(s, sc, row_w, n0, full, lane);
+      const bool full = tile_full<MODS>(sc, rb, static_cast<int>(n0), BN);
+      scores_log2<T, false, MODS>(s, sc, rb, static_cast<int>(row_w), static_cast<int>(n0), full, lane);
       float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -149,13 +159,13 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
         for (int e = 0; e < 4; ++e) o[ot][e] *= alpha[e >> 1];
       }
       if (dropout) {  // p * keep; 1 / (1 - dropout_p) is applied to O at the end
-        apply_bits(s, dropout_bits<false, NT>(g, bh, row_w, n0, lane), 1.f);
+        apply_bits(s, dropout_bits<false, NT>(g, b, h, static_cast<int>(row_w), static_cast<int>(n0), lane), 1.f);
       }
 
       cp_async_wait_all();
       __syncthreads();  // V_j landed; every warp is done with K_j
-      if (j + 1 < nb) {
-        load_tile<BN, E, LD>(sK, k, g.k_ss, n0 + BN, g.S);
+      if (j + 1 < je) {
+        load_tile<BN, E, LD>(sK, k, g.k_ss, n0 + BN, sq.S);
         cp_async_commit();
       }
 
@@ -175,6 +185,10 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
     }
 
     // out = O / l (/ (1 - dropout_p)); lse = (m + log2 l) ln 2; l == 0: out 0, lse +inf.
+    const SeqI so = seq_of(g, b);
+    const int64_t bh = static_cast<int64_t>(so.tb) * g.Hq + h;  // flat (tensor batch, head)
+    T* out = static_cast<T*>(a.out) + (bh * g.Lt + so.row_q) * E;  // (L_b, E) rows of (Lt, E)
+    float* lse = a.lse + bh * g.Lt + so.row_q;                      // (L_b,)
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -191,24 +205,24 @@ __global__ void __launch_bounds__(kThreads, FwdCfg<E>::kMinBlocks)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t i = row_w + gid + 8 * r;
-        if (i < g.L) lse[i] = l_run[r] > 0.f ? (m_run[r] + log2f(l_run[r])) * kLn2 : INFINITY;
+        if (i < so.L) lse[i] = l_run[r] > 0.f ? (m_run[r] + log2f(l_run[r])) * kLn2 : INFINITY;
       }
     }
     cp_async_wait_all();
-    __syncthreads();  // every warp is done with sQ / sV (and Q's copies landed when nb == 0)
+    __syncthreads();  // every warp is done with sQ / sV (and Q's copies landed when no key block)
     acc_to_smem<T, LD>(sQ, o, warp * 16, 0, 1.f, lane);
     __syncthreads();
-    store_tile<BM, E, LD>(out, E, sQ, m0, g.L);
+    store_tile<BM, E, LD>(out, E, sQ, m0, so.L);
     __syncthreads();  // sQ is refilled by the next query block
   }
 }
 
-template <typename T, int E>
+template <typename T, int E, bool MODS>
 void launch_forward(const AttnForwardArgs& a, cudaStream_t stream) {
   using C = FwdCfg<E>;
   const int64_t n_mblocks = ceil_div(a.g.L, C::BM);
   const size_t smem = C::template smem_bytes<T>();
-  const auto kernel = attn_fwd_kernel<T, E>;
+  const auto kernel = attn_fwd_kernel<T, E, MODS>;
   set_smem(kernel, smem);
   const dim3 grid(static_cast<unsigned>(a.g.B * a.g.Hq), grid_y(n_mblocks));
   kernel<<<grid, kThreads, smem, stream>>>(a, n_mblocks);
@@ -219,8 +233,13 @@ void launch_forward(const AttnForwardArgs& a, cudaStream_t stream) {
 
 void attention_forward_cuda(const AttnForwardArgs& a, cudaStream_t stream) {
   if (a.g.B * a.g.Hq == 0 || a.g.L == 0) return;
+  const bool mods = a.g.alibi != nullptr || a.g.softcap > 0.f;  // the MODS instantiation
   dispatch_attention(a.dtype, a.g.E, [&](auto t, auto e) {
-    launch_forward<decltype(t), decltype(e)::value>(a, stream);
+    if (mods) {
+      launch_forward<decltype(t), decltype(e)::value, true>(a, stream);
+    } else {
+      launch_forward<decltype(t), decltype(e)::value, false>(a, stream);
+    }
   });
 }
 

@@ -6,12 +6,19 @@ kernels live in attention_fwd.py (forward, dropout Philox) and attention_bwd.py 
 
 Canonical layout: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev) with any strides
 (stride 0 included) but stride(-1) == 1 (else a copy); mask None or (B, Hq, L, S) with
-stride(3) == 1, bool (True = attend) or additive (float32 or q's dtype).
+stride(3) == 1, bool (True = attend) or additive (float32 or q's dtype). The trailing
+arguments (AttnGeometry in kernels/include/fastattn/attention_args.h): varlen batches
+(cu_seqlens_q / cu_seqlens_k, packed tensors (1, H, total, E); programs over (query or key
+blocks of max_seqlen, sequences * heads), blocks past a sequence's length do nothing), a
+window (window_left / window_right, is_causal = right 0; bottom_right moves the diagonal to
+S_b - L_b; key / query blocks outside it are skipped), ALiBi slopes and softcap. Each
+modifier is a constexpr flag (WINDOW, VARLEN, ALIBI, SOFTCAP): off, it costs nothing.
 
 Launch configurations: on a GPU each kernel is a triton.autotune over a short list of
 (BLOCK_M, BLOCK_N, num_warps, num_stages) picked by dtype class (16-bit / float32), head-dim
 bucket (max(BLOCK_E, BLOCK_EV) in 64 / 128 / 256) and dropout (Philox state makes the score
-tile costlier in registers), keyed on (E, Ev, length bucket, causal, mask kind, dropout[, dz])
+tile costlier in registers), keyed on (E, Ev, length bucket, mask kind, dropout[, dz], the
+modifier flags)
 and the tensors' dtypes. Every listed config was checked free of spills and within shared
 memory on sm_80 and sm_90 with tools/resource_report.py (attention_plan). Under the
 interpreter (CPU tensors, TRITON_INTERPRET=1) one small fixed config runs. Grid: (query or key
@@ -49,7 +56,8 @@ DELTA_ELEMS = 4096  # elements of dO (and O) per _attn_bwd_delta program
 DELTA_WARPS = 4
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class ("16": fp16 / bf16, "32":
-# float32 with full-precision FMA dots), head bucket (max(BLOCK_E, BLOCK_EV)) and dropout.
+# float32 with full-precision FMA dots), head bucket (max(BLOCK_E, BLOCK_EV)) and dropout (the
+# "dropout" lists also serve ALiBi, softcap and a mask with a window: _heavy).
 # Chosen with tools/resource_report.py (sm_80 and sm_90; an additive float32 mask with dq
 # writing dz, and is_causal; lengths not multiples of 16): the larger tiles among those that
 # neither spill nor exceed shared memory. Dropout's Philox state (four words per score) needs
@@ -58,7 +66,7 @@ DELTA_WARPS = 4
 _FP32 = {"fwd": [(32, 32, 4, 1), (32, 16, 4, 2)], "dkdv": [(32, 32, 4, 1)],
          "dq": [(16, 32, 4, 2), (64, 32, 8, 2)]}
 _CONFIGS = {
-    ("fwd", "16", 64, False): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    ("fwd", "16", 64, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", "16", 128, False): [(128, 64, 8, 3), (64, 64, 4, 3)],
     ("fwd", "16", 256, False): [(64, 64, 8, 2), (64, 32, 8, 2)],
     ("fwd", "16", 64, True): [(64, 32, 8, 3), (64, 64, 8, 3)],
@@ -67,12 +75,12 @@ _CONFIGS = {
     ("dkdv", "16", 64, False): [(16, 128, 8, 2), (16, 64, 4, 2)],
     ("dkdv", "16", 128, False): [(16, 64, 8, 2), (32, 32, 8, 2)],
     ("dkdv", "16", 256, False): [(16, 32, 8, 2)],
-    ("dkdv", "16", 64, True): [(16, 64, 8, 2), (32, 32, 8, 2)],
-    ("dkdv", "16", 128, True): [(16, 64, 8, 2), (32, 32, 8, 2)],
-    ("dkdv", "16", 256, True): [(16, 32, 8, 2)],
+    ("dkdv", "16", 64, True): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dkdv", "16", 128, True): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dkdv", "16", 256, True): [(16, 16, 8, 2)],
     ("dq", "16", 64, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
     ("dq", "16", 128, False): [(64, 32, 8, 2)],
-    ("dq", "16", 256, False): [(32, 32, 4, 2), (64, 32, 8, 2)],
+    ("dq", "16", 256, False): [(32, 32, 4, 2)],
     ("dq", "16", 64, True): [(64, 32, 8, 2)],
     ("dq", "16", 128, True): [(64, 32, 8, 2)],
     ("dq", "16", 256, True): [(32, 32, 8, 2), (16, 32, 8, 2)],
@@ -80,9 +88,10 @@ _CONFIGS = {
        for bucket in (64, 128, 256) for dropout in (False, True)},
 }
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-_TUNE_KEYS = {"fwd": ["E", "Ev", "len_key", "CAUSAL", "MASK_KIND", "DROPOUT"],
-              "dkdv": ["E", "Ev", "len_key", "CAUSAL", "MASK_KIND", "DROPOUT"],
-              "dq": ["E", "Ev", "len_key", "CAUSAL", "MASK_KIND", "DROPOUT", "WANT_DZ"]}
+_MODIFIER_KEYS = ["WINDOW", "VARLEN", "ALIBI", "SOFTCAP"]
+_TUNE_KEYS = {"fwd": ["E", "Ev", "len_key", "MASK_KIND", "DROPOUT", *_MODIFIER_KEYS],
+              "dkdv": ["E", "Ev", "len_key", "MASK_KIND", "DROPOUT", *_MODIFIER_KEYS],
+              "dq": ["E", "Ev", "len_key", "MASK_KIND", "DROPOUT", "WANT_DZ", *_MODIFIER_KEYS]}
 
 
 def head_block(d: int) -> int:
@@ -252,12 +261,21 @@ def column_block(kernel: str, dtype: torch.dtype, d: int, interpreted: bool = Fa
     return min(16 if interpreted else FP32_COLUMNS[kernel], head_block(d))
 
 
-def _flags(q, Ev: int, kind: int, is_causal: bool, dropout_p: float) -> dict:
+def _flags(q, Ev: int, kind: int, dropout_p: float, geo) -> dict:
     E = q.shape[3]
-    return {"MASK_KIND": kind, "CAUSAL": bool(is_causal), "DROPOUT": dropout_p > 0.0,
+    return {"MASK_KIND": kind, "DROPOUT": dropout_p > 0.0, "WINDOW": geo.window,
+            "VARLEN": geo.varlen, "ALIBI": geo.alibi is not None, "SOFTCAP": geo.softcap > 0.0,
             "BLOCK_E": head_block(E), "BLOCK_EV": head_block(Ev),
             "BLOCK_K": chunk_k(q.dtype, E, Ev, q.device.type != "cuda"),
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
+
+
+def _heavy(flags: dict) -> bool:
+    """Whether the config lists for dropout serve these flags: dropout, ALiBi and softcap all
+    add per-score work and live tiles, and so does a mask with a window (the window or varlen
+    alone: scalars and a predicate)."""
+    return bool(flags["DROPOUT"] or flags["ALIBI"] or flags["SOFTCAP"] or
+                (flags["MASK_KIND"] != MASK_NONE and flags["WINDOW"]))
 
 
 def _columns(kernel: str, q, E: int, Ev: int) -> tuple[dict, int]:
@@ -278,30 +296,135 @@ def _rows_fit(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if ROW_OFFSET_LIMIT <= s * MAX_BLOCK_ROWS and s < 2**31 else t
 
 
+# ---- sequences and score modifiers (mirror prepare_attention's AttnOptions checks) -----------
+
+class _Geometry:
+    """The per-sequence launch sizes and modifiers: B sequences of at most L queries and S
+    keys (dense: the tensors' B, L, S; varlen: len(cu) - 1 and max_seqlen_q / max_seqlen_k),
+    the kernels' tensor arguments and scalars, and the constexpr flags."""
+
+    def __init__(self, q, k, cu_q, cu_k, L, S, left, right, bottom_right, alibi, softcap):
+        self.varlen = cu_q is not None
+        self.B = cu_q.shape[0] - 1 if self.varlen else q.shape[0]
+        self.L, self.S = L, S
+        self.cu_q, self.cu_k, self.alibi = cu_q, cu_k, alibi
+        self.left, self.right, self.bottom_right = left, right, bool(bottom_right)
+        self.window = left >= 0 or right >= 0
+        self.softcap = softcap
+
+    def tensors(self, dummy):
+        """(cu_q, cu_k, alibi) pointers (dummy where absent: never read)."""
+        return tuple(t if t is not None else dummy for t in (self.cu_q, self.cu_k, self.alibi))
+
+    def scalars(self):
+        """(window_left, window_right, bottom_right, alibi_sb, softcap)."""
+        sb = self.alibi.shape[1] if self.alibi is not None and self.alibi.dim() == 2 else 0
+        return self.left, self.right, int(self.bottom_right), sb, float(self.softcap)
+
+
+def _check_cu_seqlens(op: str, name: str, cu, q, total: int, max_len: int):
+    """cu_seqlens: int32 (B + 1,) on q's device; on the CPU also its values (0 first,
+    non-decreasing, steps <= max_len, last == total)."""
+    torch._check(cu.dtype == torch.int32 and cu.dim() == 1 and cu.shape[0] >= 1,
+                 lambda: f"{op}: {name} must be a 1-d int32 tensor of B + 1 offsets, got "
+                         f"{cu.dtype} {list(cu.shape)}")
+    torch._check(cu.device == q.device,
+                 lambda: f"{op}: {name} is on {cu.device} but query is on {q.device}")
+    cu = cu.contiguous()
+    if cu.device.type == "cpu":
+        v = cu.tolist()
+        torch._check(v[0] == 0, lambda: f"{op}: {name}[0] must be 0, got {v[0]}")
+        down = next((b for b in range(1, len(v)) if v[b] < v[b - 1]), None)
+        torch._check(down is None,
+                     lambda: f"{op}: {name} must be non-decreasing, but entry {down} "
+                             f"({v[down]}) < entry {down - 1} ({v[down - 1]})")
+        long = next((b for b in range(1, len(v)) if v[b] - v[b - 1] > max_len), None)
+        torch._check(long is None,
+                     lambda: f"{op}: sequence {long - 1} of {name} has "
+                             f"{v[long] - v[long - 1]} tokens, more than max_seqlen {max_len}")
+        torch._check(v[-1] == total, lambda: f"{op}: {name}[-1] = {v[-1]} must equal the "
+                                             f"packed token count {total}")
+    return cu
+
+
+def _check_options(op: str, q, k, mask, is_causal: bool, cu_q, cu_k, max_q: int, max_k: int,
+                   left: int, right: int, bottom_right: bool, alibi, softcap: float):
+    """The trailing sdpa arguments (AttnOptions in attention_host.h) -> _Geometry."""
+    torch._check(left >= -1 and right >= -1,
+                 lambda: f"{op}: window sizes must be >= 0 (or -1: unbounded), got "
+                         f"({left}, {right})")
+    if is_causal:
+        right = 0
+    torch._check(math.isfinite(softcap) and softcap >= 0.0,
+                 lambda: f"{op}: softcap must be a finite number >= 0 (0: none), got {softcap}")
+    varlen = cu_q is not None
+    torch._check(varlen == (cu_k is not None),
+                 lambda: f"{op}: pass both cu_seqlens_q and cu_seqlens_k or neither")
+    L, S = q.shape[2], k.shape[2]
+    if varlen:
+        torch._check(q.shape[0] == 1,
+                     lambda: f"{op}: with cu_seqlens the operator takes packed tensors with "
+                             f"batch dim 1, query (1, Hq, total_q, E), got {list(q.shape)}")
+        torch._check(mask is None, lambda: f"{op}: a mask cannot be combined with cu_seqlens "
+                                           f"(use the window, causal or ALiBi)")
+        torch._check(max_q >= 0 and max_k >= 0,
+                     lambda: f"{op}: max_seqlen_q/max_seqlen_k must be >= 0")
+        cu_q = _check_cu_seqlens(op, "cu_seqlens_q", cu_q, q, L, max_q)
+        cu_k = _check_cu_seqlens(op, "cu_seqlens_k", cu_k, q, S, max_k)
+        torch._check(cu_q.shape[0] == cu_k.shape[0],
+                     lambda: f"{op}: cu_seqlens_q has {cu_q.shape[0]} entries and cu_seqlens_k "
+                             f"{cu_k.shape[0]}; both must be B + 1")
+        L, S = max_q, max_k
+        torch._check(max(L, S) * MAX_BLOCK_ROWS < ROW_OFFSET_LIMIT,
+                     lambda: f"{op}: max_seqlen ({L}, {S}) too large")
+    B = cu_q.shape[0] - 1 if varlen else q.shape[0]
+    Hq = q.shape[1]
+    if alibi is not None:
+        torch._check(alibi.dtype == torch.float32,
+                     lambda: f"{op}: alibi_slopes must be float32, got {alibi.dtype}")
+        torch._check(alibi.device == q.device,
+                     lambda: f"{op}: alibi_slopes is on {alibi.device} but query is on "
+                             f"{q.device}")
+        torch._check((alibi.dim() == 1 and alibi.shape[0] == Hq) or
+                     (alibi.dim() == 2 and tuple(alibi.shape) == (B, Hq)),
+                     lambda: f"{op}: alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = "
+                             f"({B}, {Hq}), got {list(alibi.shape)}")
+        alibi = alibi.contiguous()
+    return _Geometry(q, k, cu_q, cu_k, L, S, left, right, bottom_right, alibi, softcap)
+
+
 # ---- operators --------------------------------------------------------------------------------
 
 @triton_op("fastattn::sdpa_triton", mutates_args=())
 def sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                scale: float, is_causal: bool, dropout_p: float, seed: int,
-                offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of fastattn::sdpa -> (out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L)
-    float32), both contiguous."""
+                scale: float, is_causal: bool, dropout_p: float, seed: int, offset: int,
+                cu_seqlens_q: torch.Tensor | None = None,
+                cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
+                max_seqlen_k: int = 0, window_left: int = -1, window_right: int = -1,
+                bottom_right: bool = False, alibi_slopes: torch.Tensor | None = None,
+                softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of fastattn::sdpa -> (out (Bt, Hq, Lt, Ev) in q's dtype, lse (Bt, Hq, Lt)
+    float32), both contiguous (Bt, Lt: the tensors' batch and length; varlen: 1, total_q)."""
     op = "fastattn.sdpa_triton"
     q, k, v, mask, kind, m_cols = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
-    B, Hq, L, E = q.shape
-    Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
-    out = _new_output((B, Hq, L, Ev), q.dtype, q.device)
-    lse = _new_output((B, Hq, L), torch.float32, q.device)
-    if out.numel() == 0:
+    geo = _check_options(op, q, k, mask, is_causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, window_left, window_right, bottom_right, alibi_slopes,
+                         softcap)
+    Bt, Hq, Lt, E = q.shape
+    Hkv, St, Ev = v.shape[1], v.shape[2], v.shape[3]
+    B, L, S = geo.B, geo.L, geo.S
+    out = _new_output((Bt, Hq, Lt, Ev), q.dtype, q.device)
+    lse = _new_output((Bt, Hq, Lt), torch.float32, q.device)
+    if out.numel() == 0 or B * L == 0:
         return out, lse
-    flags = _flags(q, Ev, kind, is_causal, dropout_p)
+    flags = _flags(q, Ev, kind, dropout_p, geo)
     del flags["BLOCK_EV"]  # the forward reads value columns in blocks of BLOCK_CV only
     cols, nz = _columns("fwd", q, E, Ev)
     flags.update(cols)
-    args = (q, k, v, mask if mask is not None else q, out, lse)
-    tail = (Hq, Hq // Hkv, L, S, E, Ev, *_strides(q), *_strides(k), *_strides(v),
+    args = (q, k, v, mask if mask is not None else q, out, lse, *geo.tensors(q))
+    tail = (Hq, Hq // Hkv, L, S, Lt, St, E, Ev, *_strides(q), *_strides(k), *_strides(v),
             *_strides(mask), m_cols, scale, 1.0 / (1.0 - dropout_p), dropout_p,
-            *_seed_args(seed, offset), _len_key(L, S))
+            *_seed_args(seed, offset), *geo.scalars(), _len_key(L, S))
     for bh0, n in _y_chunks(B * Hq):
         if q.device.type != "cuda":  # the interpreter: one small fixed config
             cfg = INTERPRET_CONFIG
@@ -309,22 +432,22 @@ def sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
                 *args, bh0, *tail, **flags, **cfg)
         else:
             wrap_triton(_tuner("fwd", dtype_class(q.dtype), head_bucket(E, Ev),
-                               flags["DROPOUT"]))[
+                               _heavy(flags)))[
                 _grid(L, "BLOCK_M", n, nz)](*args, bh0, *tail, **flags)
     return out, lse
 
 
 def _check_backward(op: str, grad_out, out, lse, q, Ev: int):
-    B, Hq, L = q.shape[0], q.shape[1], q.shape[2]
-    torch._check(tuple(grad_out.shape) == (B, Hq, L, Ev) and grad_out.shape == out.shape,
+    Bt, Hq, Lt = q.shape[0], q.shape[1], q.shape[2]
+    torch._check(tuple(grad_out.shape) == (Bt, Hq, Lt, Ev) and grad_out.shape == out.shape,
                  lambda: f"{op}: grad_out {list(grad_out.shape)} and out {list(out.shape)} must "
-                         f"have shape (B, Hq, L, Ev) = {(B, Hq, L, Ev)}")
+                         f"have shape (Bt, Hq, Lt, Ev) = {(Bt, Hq, Lt, Ev)}")
     torch._check(grad_out.dtype == q.dtype and out.dtype == q.dtype,
                  lambda: f"{op}: grad_out and out must have query's dtype {q.dtype}, got "
                          f"{grad_out.dtype} and {out.dtype}")
-    torch._check(lse.dtype == torch.float32 and tuple(lse.shape) == (B, Hq, L),
-                 lambda: f"{op}: lse must be float32 of shape (B, Hq, L) = {(B, Hq, L)}, got "
-                         f"{lse.dtype} {list(lse.shape)}")
+    torch._check(lse.dtype == torch.float32 and tuple(lse.shape) == (Bt, Hq, Lt),
+                 lambda: f"{op}: lse must be float32 of shape (Bt, Hq, Lt) = {(Bt, Hq, Lt)}, "
+                         f"got {lse.dtype} {list(lse.shape)}")
     torch._check(grad_out.device == q.device and out.device == q.device and
                  lse.device == q.device,
                  lambda: f"{op}: grad_out, out and lse must be on query's device {q.device}")
@@ -335,19 +458,31 @@ def _check_backward(op: str, grad_out, out, lse, q, Ev: int):
 def sdpa_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          mask: torch.Tensor | None, scale: float, is_causal: bool,
-                         dropout_p: float, seed: int, offset: int, want_grad_mask: bool
+                         dropout_p: float, seed: int, offset: int, want_grad_mask: bool,
+                         cu_seqlens_q: torch.Tensor | None = None,
+                         cu_seqlens_k: torch.Tensor | None = None, max_seqlen_q: int = 0,
+                         max_seqlen_k: int = 0, window_left: int = -1, window_right: int = -1,
+                         bottom_right: bool = False, alibi_slopes: torch.Tensor | None = None,
+                         softcap: float = 0.0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of fastattn::sdpa_backward -> (grad_q, grad_k, grad_v contiguous in q's
-    dtype; grad_mask = dz (B, Hq, L, S) float32 when want_grad_mask, else empty (0,))."""
+    dtype; grad_mask = dz (B, Hq, L, S) float32 when want_grad_mask (dense batches only: a
+    mask cannot be given with cu_seqlens), else empty (0,))."""
     op = "fastattn.sdpa_backward_triton"
     q, k, v, mask, kind, m_cols = _check_inputs(op, q, k, v, mask, scale, is_causal, dropout_p)
-    B, Hq, L, E = q.shape
-    Hkv, S, Ev = v.shape[1], v.shape[2], v.shape[3]
+    geo = _check_options(op, q, k, mask, is_causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, window_left, window_right, bottom_right, alibi_slopes,
+                         softcap)
+    Bt, Hq, Lt, E = q.shape
+    Hkv, St, Ev = v.shape[1], v.shape[2], v.shape[3]
+    B, L, S = geo.B, geo.L, geo.S
     do, out, lse = _check_backward(op, grad_out, out, lse, q, Ev)
     dev = q.device
-    dq = _new_output((B, Hq, L, E), q.dtype, dev)
-    dk = _new_output((B, Hkv, S, E), q.dtype, dev)
-    dv = _new_output((B, Hkv, S, Ev), q.dtype, dev)
+    dq = _new_output((Bt, Hq, Lt, E), q.dtype, dev)
+    dk = _new_output((Bt, Hkv, St, E), q.dtype, dev)
+    dv = _new_output((Bt, Hkv, St, Ev), q.dtype, dev)
+    torch._check(not (want_grad_mask and geo.varlen),
+                 lambda: f"{op}: want_grad_mask needs a mask, which cu_seqlens excludes")
     torch._check(not want_grad_mask or S * MAX_BLOCK_ROWS < ROW_OFFSET_LIMIT,
                  lambda: f"{op}: grad_mask rows of {S} keys are too long for the Triton "
                          f"kernels' 32-bit block offsets")
@@ -356,21 +491,21 @@ def sdpa_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if B * Hq == 0:
         return dq, dk, dv, dz
     gpu = dev.type == "cuda"
-    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
-    if L > 0:
+    delta = torch.empty((Bt, Hq, Lt), dtype=torch.float32, device=dev)
+    if Lt > 0:
         rows = delta_block(Ev)
-        for bh0, n in _y_chunks(B * Hq):
-            wrap_triton(_attn_bwd_delta)[(triton.cdiv(L, rows), n)](
-                out, do, delta, bh0, Hq, L, Ev, *_strides(out), *_strides(do), BLOCK_M=rows,
+        for bh0, n in _y_chunks(Bt * Hq):
+            wrap_triton(_attn_bwd_delta)[(triton.cdiv(Lt, rows), n)](
+                out, do, delta, bh0, Hq, Lt, Ev, *_strides(out), *_strides(do), BLOCK_M=rows,
                 BLOCK_EV=head_block(Ev), num_warps=DELTA_WARPS)
-    flags = _flags(q, Ev, kind, is_causal, dropout_p)
-    common = (L, S, E, Ev, *_strides(q), *_strides(k), *_strides(v), *_strides(mask), m_cols,
-              *_strides(do), scale, dropout_p, 1.0 / (1.0 - dropout_p),
-              *_seed_args(seed, offset), _len_key(L, S))
+    flags = _flags(q, Ev, kind, dropout_p, geo)
+    common = (L, S, Lt, St, E, Ev, *_strides(q), *_strides(k), *_strides(v), *_strides(mask),
+              m_cols, *_strides(do), scale, dropout_p, 1.0 / (1.0 - dropout_p),
+              *_seed_args(seed, offset), *geo.scalars(), _len_key(L, S))
     mask_arg = mask if mask is not None else q
-    key = (dtype_class(q.dtype), head_bucket(E, Ev), flags["DROPOUT"])
+    key = (dtype_class(q.dtype), head_bucket(E, Ev), _heavy(flags))
     if S > 0:  # dK, dV (with S == 0 there is nothing to write)
-        args = (q, k, v, mask_arg, do, lse, delta, dk, dv)
+        args = (q, k, v, mask_arg, do, lse, delta, dk, dv, *geo.tensors(q))
         cols, nz = _columns("dkdv", q, E, Ev)
         for bh0, n in _y_chunks(B * Hkv):
             if not gpu:
@@ -382,7 +517,8 @@ def sdpa_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                     _grid(S, "BLOCK_N", n, nz)](
                     *args, bh0, Hq, Hkv, Hq // Hkv, *common, **flags, **cols)
     if L > 0:  # dQ (zeros when S == 0) and dz
-        args = (q, k, v, mask_arg, do, lse, delta, dq, dz if want_grad_mask else delta)
+        args = (q, k, v, mask_arg, do, lse, delta, dq, dz if want_grad_mask else delta,
+                *geo.tensors(q))
         cols, nz = _columns("dq", q, E, Ev)
         flags.update(cols, WANT_DZ=bool(want_grad_mask))
         for bh0, n in _y_chunks(B * Hq):

@@ -8,15 +8,18 @@ FlashAttention-2 algebra with p recomputed from the forward's lse (no (L, S) buf
     dQ_i = scale * sum_j dz_ij k_j;  dK_j = scale * sum_i dz_ij q_i
 
 _attn_bwd_delta: D (B, Hq, L) float32, one program per (query block, batch * head).
-_attn_bwd_dkdv: one program per (key block, batch * kv head); dK, dV of its keys in float32
-  registers, summed over the group's Hq / Hkv query heads and all query blocks in a fixed order
-  (deterministic, no atomics). Scores are computed transposed (keys x queries), so neither
-  accumulation needs a transpose of the probabilities. Under is_causal query blocks before the
-  key block are skipped and only the diagonal ones mask per element.
-_attn_bwd_dq: one program per (query block, batch * query head); dQ over the key blocks
-  (as the forward: unmasked blocks, then the partial / diagonal ones; causal-skipped blocks are
-  never visited), and, when WANT_DZ, dz (B, Hq, L, S) float32 for the mask's gradient, every
-  element written (zeros where masked or causal-skipped).
+_attn_bwd_dkdv: one program per (key block, sequence * kv head); dK, dV of its keys in
+  float32 registers, summed over the group's Hq / Hkv query heads and all query blocks in a
+  fixed order (deterministic, no atomics). Scores are computed transposed (keys x queries), so
+  neither accumulation needs a transpose of the probabilities. Query blocks that see no key of
+  the block (window / causal) are skipped; only those partly inside the window mask per
+  element (_query_range).
+_attn_bwd_dq: one program per (query block, sequence * query head); dQ over the key blocks in
+  the forward's three phases (_key_range), and, when WANT_DZ (dense batches), dz (B, Hq, L, S)
+  float32 for the mask's gradient, every element written (zeros outside the window).
+Sequences, tensor coordinates and modifiers as in the forward (attention_fwd.py). Softcap:
+the gradient w.r.t. scale * q.k is dz * (1 - (s / softcap)^2), s the capped score; dz itself
+(the mask's gradient) is not scaled.
 BLOCK_K > 0 (float32 inputs): the products over the head dims run in chunks (_rows_dot), as in
 the forward, and the key / query blocks are re-read per step instead of staying resident.
 """
@@ -27,9 +30,16 @@ import triton
 import triton.language as tl
 
 try:  # a package import; the resource report loads this file by path
-    from .attention_fwd import _rows_dot, _scores_mask, dropout_keep
+    from .attention_fwd import _key_range, _modify, _rows_dot, _scores_mask, _seq, dropout_keep
 except ImportError:
-    from fastattn._triton.attention_fwd import _rows_dot, _scores_mask, dropout_keep
+    from fastattn._triton.attention_fwd import (
+        _key_range,
+        _modify,
+        _rows_dot,
+        _scores_mask,
+        _seq,
+        dropout_keep,
+    )
 
 
 @triton.jit
@@ -58,21 +68,31 @@ def _attn_bwd_delta(o_ptr, do_ptr, delta_ptr, bh0, Hq, L, Ev, o_sb, o_sh, o_sl, 
 
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base, delta_base,
-                offs_n, n_ok, idx_base, lo, hi, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
-                m_cols, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
-                offs_cv, DIAG: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Query blocks [lo, hi) of one head against one key block: updates dk [BLOCK_N, BLOCK_CE]
-    and dv [BLOCK_N, BLOCK_CV] (float32, dk not yet scaled; columns offs_ce / offs_cv). DIAG:
-    mask keys past each query (causal blocks on the diagonal)."""
+                offs_n, n_ok, idx_base, lo, hi, lo2, hi2, L_b, diag, slope, softcap, left, right,
+                E, Ev,
+                q_sl, k_ss, v_ss, do_sl, m_sl, m_cols, St, scale, dropout_p, out_scale, seed_lo,
+                seed_hi, off_lo, off_hi, offs_ce, offs_cv, MASKED: tl.constexpr,
+                MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+                SOFTCAP: tl.constexpr,
+                DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Query blocks [lo, hi) and [lo2, hi2) (sequence-local) of one head against one key
+    block: updates dk
+    [BLOCK_N, BLOCK_CE] and dv [BLOCK_N, BLOCK_CV] (float32, dk not yet scaled; columns offs_ce
+    / offs_cv). MASKED: mask the keys outside each query's window (partly visible blocks).
+    Rows past L_b read lse = +inf (p = 0)."""
     offs_ml = tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    for i0 in range(lo, hi, BLOCK_M):
+    n1 = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)  # blocks [lo, hi), then [lo2, hi2)
+    n2 = tl.cdiv(tl.maximum(hi2 - lo2, 0), BLOCK_M)
+    for n in range(n1 + n2):
+        i0 = tl.multiple_of(tl.where(n < n1, lo + n * BLOCK_M, lo2 + (n - n1) * BLOCK_M),
+                           BLOCK_M)  # (block starts: vector loads)
         i64 = tl.cast(i0, tl.int64)  # (the interpreter gives a Python int)
         offs_m = i0 + offs_ml  # [BLOCK_M]
-        m_ok = offs_m < L
+        m_ok = offs_m < L_b
         q_blk = q_base + i64 * q_sl
         do_blk = do_base + i64 * do_sl
         if BLOCK_K == 0:
@@ -84,11 +104,13 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
             zt = _rows_dot(k_blk, k_ss, n_ok, q_blk, q_sl, m_ok, E, BLOCK_N, BLOCK_M, BLOCK_E,
                            BLOCK_K, PRECISION)
         zt = zt * scale  # [BLOCK_N, BLOCK_M]
+        st = zt
+        if SOFTCAP or ALIBI or MASKED:
+            st, zt = _modify(zt, offs_m, offs_n, diag, slope, softcap, n_ok, left, right, ALIBI,
+                             SOFTCAP, MASKED, WINDOW, True, BLOCK_K > 0)
         if MASK_KIND != 0:
             zt = _scores_mask(zt, mask_blk + i64 * m_sl, m_sl, offs_n < m_cols, m_ok, BLOCK_N,
                               BLOCK_M, MASK_KIND, True, True)
-        if DIAG:
-            zt = tl.where(offs_n[:, None] <= offs_m[None, :], zt, float("-inf"))
         lse = tl.load(lse_base + i64 + offs_ml, mask=m_ok, other=float("inf"))
         pt = tl.math.exp2((zt - lse[None, :]) * 1.4426950408889634)  # 0 where lse = +inf
         if BLOCK_K == 0:
@@ -104,13 +126,16 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
                          mask=m_ok[:, None] & (offs_cv[None, :] < Ev), other=0.0)
         di = tl.load(delta_base + i64 + offs_ml, mask=m_ok, other=0.0)  # [BLOCK_M]
         if DROPOUT:
-            keep = dropout_keep((idx_base + (i64 + offs_ml) * S)[None, :], offs_n[:, None],
+            keep = dropout_keep((idx_base + (i64 + offs_ml) * St)[None, :], offs_n[:, None],
                                 dropout_p, seed_lo, seed_hi, off_lo, off_hi)
             pdt = tl.where(keep, pt * out_scale, 0.0).to(do.dtype)
             dpt = tl.where(keep, dpt * out_scale, 0.0)
         else:
             pdt = pt.to(do.dtype)
         dst = pt * (dpt - di[None, :])  # [BLOCK_N, BLOCK_M] dz transposed (pt, dpt die here)
+        if SOFTCAP:  # d(capped s) / d(scale q.k) = 1 - (s / softcap)^2
+            r = st / softcap
+            dst = dst * (1.0 - r * r)
         dv += tl.dot(pdt, do, input_precision=PRECISION)
         if BLOCK_K == 0:
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
@@ -123,29 +148,62 @@ def _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base,
 
 
 @triton.jit
+def _query_range(j0, L_b, S_b, diag, left, right, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Query blocks of the key block [j0, j0 + BLOCK_N) of a sequence: (lo, f0, f1, hi), lo
+    and f0 multiples of BLOCK_M: rows [lo, hi) hold every query that may see a key of the
+    block, and the query blocks [f0, f1) see all of its keys (no per-element mask). Empty
+    (hi = 0) for a block past S_b."""
+    j_last = tl.minimum(j0 + BLOCK_N, S_b) - 1
+    hi = tl.where(j0 < S_b, L_b, 0)
+    lo = j0 * 0
+    f0 = j0 * 0
+    f1 = hi
+    if WINDOW:
+        lo = tl.where(right >= 0, tl.maximum(j0 - diag - right, 0) // BLOCK_M * BLOCK_M, 0)
+        hi = tl.where(left >= 0, tl.minimum(hi, tl.maximum(j_last - diag + left + 1, 0)), hi)
+        u0 = tl.where(right >= 0, tl.cdiv(tl.maximum(j_last - diag - right, 0), BLOCK_M)
+                      * BLOCK_M, 0)
+        u1 = tl.where(left >= 0, tl.maximum(j0 - diag + left + 1, 0) // BLOCK_M * BLOCK_M, hi)
+        f0 = tl.minimum(tl.maximum(u0, lo), hi)
+        f1 = tl.maximum(tl.minimum(u1, hi), f0)
+    return lo, f0, f1, hi
+
+
+@triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                   bh0, Hq, Hkv, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb,
-                   v_sh, v_ss, m_sb, m_sh, m_sl, m_cols, do_sb, do_sh, do_sl, scale, dropout_p,
-                   out_scale, seed_lo, seed_hi, off_lo, off_hi, len_key,
-                   MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                   cu_q_ptr, cu_k_ptr, alibi_ptr, bh0, Hq, Hkv, group, L, S, Lt, St, E, Ev,
+                   q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, m_sb, m_sh, m_sl, m_cols,
+                   do_sb, do_sh, do_sl, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo,
+                   off_hi, window_left, window_right, bottom_right, alibi_sb, softcap, len_key,
+                   MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                   ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_EV: tl.constexpr, BLOCK_CE: tl.constexpr, BLOCK_CV: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (key block, bh0 + y = b * Hkv + kv head, z): grad_k (B, Hkv, S, E) and grad_v
-    (B, Hkv, S, Ev) rows of its keys, columns [z * BLOCK_CE, ...) and [z * BLOCK_CV, ...)
-    (all of the padded head dims but for float32)."""
+    """Program (key block of sequence b, bh0 + y = b * Hkv + kv head, z): grad_k (Bt, Hkv, St,
+    E) and grad_v (Bt, Hkv, St, Ev) rows of its keys, columns [z * BLOCK_CE, ...) and
+    [z * BLOCK_CV, ...) (all of the padded head dims but for float32). Sizes and modifiers as
+    in _attn_fwd."""
     j0 = tl.program_id(0) * BLOCK_N
     bhk = bh0 + tl.program_id(1)
     b = bhk // Hkv
     hk = bhk % Hkv
+    row_q, row_k, L_b, S_b, diag = _seq(cu_q_ptr, cu_k_ptr, b, L, S, bottom_right, VARLEN)
+    if VARLEN:
+        tb = b * 0
+    else:
+        tb = b
     offs_nl = tl.arange(0, BLOCK_N)
-    offs_n = j0 + offs_nl  # [BLOCK_N]
-    n_ok = offs_n < S
+    offs_n = j0 + offs_nl  # [BLOCK_N] sequence-local keys
+    n_ok = offs_n < S_b
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    b64, hk64, j64 = b.to(tl.int64), hk.to(tl.int64), tl.cast(j0, tl.int64)
-    k_blk = k_ptr + b64 * k_sb + hk64 * k_sh + j64 * k_ss
-    v_blk = v_ptr + b64 * v_sb + hk64 * v_sh + j64 * v_ss
+    b64, hk64, tb64 = b.to(tl.int64), hk.to(tl.int64), tb.to(tl.int64)
+    c64 = row_k.to(tl.int64) + j0  # first tensor row of the key block
+    rq64 = row_q.to(tl.int64)
+    k_blk = k_ptr + tb64 * k_sb + hk64 * k_sh + c64 * k_ss
+    v_blk = v_ptr + tb64 * v_sb + hk64 * v_sh + c64 * v_ss
     if BLOCK_K == 0:  # the key / value block stays in registers
         k = tl.load(k_blk + (offs_nl[:, None] * k_ss + offs_e[None, :]),
                     mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_E]
@@ -158,33 +216,38 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk
     offs_cv = tl.program_id(2) * BLOCK_CV + tl.arange(0, BLOCK_CV)
     dk = tl.zeros([BLOCK_N, BLOCK_CE], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_CV], tl.float32)
-    if CAUSAL:
-        lo = j0 // BLOCK_M * BLOCK_M  # the first query block that sees a key of the block
-        diag = tl.minimum(tl.cdiv(j0 + BLOCK_N, BLOCK_M) * BLOCK_M, L)  # blocks that mask
-    else:
-        lo = 0
-        diag = 0
+    lo, f0, f1, hi = _query_range(j0, L_b, S_b, diag, window_left, window_right, BLOCK_M,
+                                  BLOCK_N, WINDOW)
     for g in range(group):  # the group's query heads, in order
         h64 = hk64 * group + g
-        bh = b64 * Hq + h64
-        q_base = q_ptr + b64 * q_sb + h64 * q_sh
-        do_base = do_ptr + b64 * do_sb + h64 * do_sh
-        mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + j64
-        idx_base = bh * L * S  # dropout index of (i, j) = idx_base + i * S + j
-        if CAUSAL:
-            dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
-                                 lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
-                                 lo, diag, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, m_cols,
-                                 scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
-                                 offs_ce, offs_cv, True, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N,
-                                 BLOCK_E, BLOCK_EV, BLOCK_K, PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk,
-                             lse_ptr + bh * L, delta_ptr + bh * L, offs_n, n_ok, idx_base,
-                             tl.maximum(lo, diag), L, L, S, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl,
-                             m_cols, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo,
-                             off_hi, offs_ce, offs_cv, False, MASK_KIND, DROPOUT, BLOCK_M,
-                             BLOCK_N, BLOCK_E, BLOCK_EV, BLOCK_K, PRECISION)
-    row0 = bhk.to(tl.int64) * S + j0  # first row of the block in the contiguous gradients
+        bh = tb64 * Hq + h64  # (tensor batch, head) of lse, D and the dropout index
+        q_base = q_ptr + tb64 * q_sb + h64 * q_sh + rq64 * q_sl
+        do_base = do_ptr + tb64 * do_sb + h64 * do_sh + rq64 * do_sl
+        mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + j0  # dense only
+        lse_base = lse_ptr + bh * Lt + rq64
+        delta_base = delta_ptr + bh * Lt + rq64
+        idx_base = (bh * Lt + rq64) * St + row_k  # dropout index of (i, j): + i * St + j
+        if ALIBI:
+            slope = tl.load(alibi_ptr + b64 * alibi_sb + h64)
+        else:
+            slope = 0.0
+        # query blocks seeing every key of the block, then those seeing some (one loop)
+        dk, dv = _dkdv_steps(
+            dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base, delta_base,
+            offs_n, n_ok, idx_base, f0, f1, f1, f1, L_b, diag, slope, softcap, window_left,
+            window_right, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, m_cols, St, scale,
+            dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, offs_cv, False,
+            MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E,
+            BLOCK_EV, BLOCK_K, PRECISION)
+        if WINDOW:
+            dk, dv = _dkdv_steps(
+                dk, dv, k, v, k_blk, v_blk, q_base, do_base, mask_blk, lse_base, delta_base,
+                offs_n, n_ok, idx_base, lo, f0, f1, hi, L_b, diag, slope, softcap, window_left,
+                window_right, E, Ev, q_sl, k_ss, v_ss, do_sl, m_sl, m_cols, St, scale,
+                dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, offs_cv, True,
+                MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E,
+                BLOCK_EV, BLOCK_K, PRECISION)
+    row0 = (tb64 * Hkv + hk64) * St + c64  # first row of the block in the gradients
     tl.store(dk_ptr + row0 * E + (offs_nl[:, None] * E + offs_ce[None, :]),
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_ce[None, :] < E))
     tl.store(dv_ptr + row0 * Ev + (offs_nl[:, None] * Ev + offs_cv[None, :]),
@@ -195,23 +258,31 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dk
 
 @triton.jit
 def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m, m_ok,
-              row_idx, lo, hi, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols, scale, dropout_p,
-              out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, MASKED: tl.constexpr,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+              row_idx, lo, hi, lo2, hi2, S_b, diag, slope, softcap, left, right, E, Ev, q_sl, do_sl,
+              k_ss,
+              v_ss, m_sl, m_cols, S, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo,
+              off_hi, offs_ce, MASKED: tl.constexpr, MASK_KIND: tl.constexpr,
+              WINDOW: tl.constexpr, ALIBI: tl.constexpr, SOFTCAP: tl.constexpr,
+              DROPOUT: tl.constexpr,
               WANT_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_K: tl.constexpr,
               PRECISION: tl.constexpr):
-    """Key blocks [lo, hi) of one query block: updates dq [BLOCK_M, BLOCK_CE] (float32, not yet
-    scaled; columns offs_ce) and stores dz when WANT_DZ (by the programs of column block 0).
-    MASKED: mask keys >= S and, under CAUSAL, keys past each query."""
-    offs_ml = tl.arange(0, BLOCK_M)
+    """Key blocks [lo, hi) and [lo2, hi2) (sequence-local) of one query block: updates dq
+    [BLOCK_M, BLOCK_CE]
+    (float32, not yet scaled; columns offs_ce) and stores dz (rows of S) when WANT_DZ (by the
+    programs of column block 0). MASKED: mask keys >= S_b and those outside the window."""
     offs_nl = tl.arange(0, BLOCK_N)
+    offs_ml = tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    for j0 in range(lo, hi, BLOCK_N):
+    n1 = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)  # blocks [lo, hi), then [lo2, hi2)
+    n2 = tl.cdiv(tl.maximum(hi2 - lo2, 0), BLOCK_N)
+    for n in range(n1 + n2):
+        j0 = tl.multiple_of(tl.where(n < n1, lo + n * BLOCK_N, lo2 + (n - n1) * BLOCK_N),
+                           BLOCK_N)  # (block starts: vector loads)
         j64 = tl.cast(j0, tl.int64)  # (the interpreter gives a Python int)
         offs_n = j0 + offs_nl
-        n_ok = offs_n < S
+        n_ok = offs_n < S_b
         k_blk = k_base + j64 * k_ss
         v_blk = v_base + j64 * v_ss
         if BLOCK_K == 0:
@@ -229,14 +300,13 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
             dp = _rows_dot(do_blk, do_sl, m_ok, v_blk, v_ss, n_ok, Ev, BLOCK_M, BLOCK_N,
                            BLOCK_EV, BLOCK_K, PRECISION)
         z = z * scale  # [BLOCK_M, BLOCK_N]
+        s = z
+        if SOFTCAP or ALIBI or MASKED:
+            s, z = _modify(z, offs_m, offs_n, diag, slope, softcap, n_ok, left, right, ALIBI,
+                           SOFTCAP, MASKED, WINDOW, False, BLOCK_K > 0)
         if MASK_KIND != 0:
             z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, offs_n < m_cols, BLOCK_M, BLOCK_N,
                              MASK_KIND, False, MASKED)
-        if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            z = tl.where(keep, z, float("-inf"))
         p = tl.math.exp2((z - lse[:, None]) * 1.4426950408889634)  # [BLOCK_M, BLOCK_N]
         if DROPOUT:
             keep_d = dropout_keep(row_idx[:, None], offs_n[None, :], dropout_p, seed_lo,
@@ -248,6 +318,9 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
             if MASKED:
                 dz_ok = dz_ok & n_ok[None, :]
             tl.store(dz_blk + j64 + (offs_ml[:, None] * S + offs_nl[None, :]), ds, mask=dz_ok)
+        if SOFTCAP:  # d(capped s) / d(scale q.k) = 1 - (s / softcap)^2
+            r = s / softcap
+            ds = ds * (1.0 - r * r)
         if BLOCK_K == 0:
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
         else:
@@ -259,30 +332,39 @@ def _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_bl
 
 
 @triton.jit
-def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dz_ptr, bh0,
-                 Hq, group, L, S, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                 m_sb, m_sh, m_sl, m_cols, do_sb, do_sh, do_sl, scale, dropout_p, out_scale,
-                 seed_lo, seed_hi, off_lo, off_hi, len_key, MASK_KIND: tl.constexpr,
-                 CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, WANT_DZ: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                 BLOCK_EV: tl.constexpr, BLOCK_CE: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Program (query block, bh0 + y = b * Hq + h, z): grad_q (B, Hq, L, E) rows of its
-    queries, columns [z * BLOCK_CE, (z + 1) * BLOCK_CE) (all of the padded E but for float32),
-    and (z = 0) their rows of dz (B, Hq, L, S) when WANT_DZ."""
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dz_ptr,
+                 cu_q_ptr, cu_k_ptr, alibi_ptr, bh0, Hq, group, L, S, Lt, St, E, Ev, q_sb, q_sh,
+                 q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, m_sb, m_sh, m_sl, m_cols, do_sb, do_sh,
+                 do_sl, scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi,
+                 window_left, window_right, bottom_right, alibi_sb, softcap, len_key,
+                 MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+                 ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+                 WANT_DZ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, BLOCK_CE: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (query block of sequence b, bh0 + y = b * Hq + h, z): grad_q (Bt, Hq, Lt, E)
+    rows of its queries, columns [z * BLOCK_CE, (z + 1) * BLOCK_CE) (all of the padded E but
+    for float32), and (z = 0) their rows of dz (B, Hq, L, S) when WANT_DZ (dense batches only),
+    every element written (zeros outside the window). Sizes and modifiers as in _attn_fwd."""
     i0 = tl.program_id(0) * BLOCK_M
     bh = bh0 + tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
+    row_q, row_k, L_b, S_b, diag = _seq(cu_q_ptr, cu_k_ptr, b, L, S, bottom_right, VARLEN)
+    if VARLEN:
+        tb = b * 0
+    else:
+        tb = b
     offs_ml = tl.arange(0, BLOCK_M)
     offs_m = i0 + offs_ml
-    m_ok = offs_m < L
+    m_ok = offs_m < L_b
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
-    b64, h64, hk64, i64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), tl.cast(i0, tl.int64)
-    q_blk = q_ptr + b64 * q_sb + h64 * q_sh + i64 * q_sl
-    do_blk = do_ptr + b64 * do_sb + h64 * do_sh + i64 * do_sl
+    b64, h64, hk64, tb64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), tb.to(tl.int64)
+    r64 = row_q.to(tl.int64) + i0
+    q_blk = q_ptr + tb64 * q_sb + h64 * q_sh + r64 * q_sl
+    do_blk = do_ptr + tb64 * do_sb + h64 * do_sh + r64 * do_sl
     if BLOCK_K == 0:  # the query and output-gradient blocks stay in registers
         q = tl.load(q_blk + (offs_ml[:, None] * q_sl + offs_e[None, :]),
                     mask=m_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_E]
@@ -291,39 +373,49 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_p
     else:
         q = 0  # read in chunks by _rows_dot
         do = 0
-    row0 = bh.to(tl.int64) * L + i0  # first row of the block in lse, D, dq and dz
+    row0 = (tb64 * Hq + h64) * Lt + r64  # first row of the block in lse, D and dq
     lse = tl.load(lse_ptr + row0 + offs_ml, mask=m_ok, other=float("inf"))
     di = tl.load(delta_ptr + row0 + offs_ml, mask=m_ok, other=0.0)
-    k_base = k_ptr + b64 * k_sb + hk64 * k_sh
-    v_base = v_ptr + b64 * v_sb + hk64 * v_sh
-    mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + i64 * m_sl
-    dz_blk = dz_ptr + row0 * S
-    row_idx = (row0 + offs_ml) * S  # [BLOCK_M] dropout index of (i, 0)
+    k_base = k_ptr + tb64 * k_sb + hk64 * k_sh + row_k.to(tl.int64) * k_ss
+    v_base = v_ptr + tb64 * v_sb + hk64 * v_sh + row_k.to(tl.int64) * v_ss
+    mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + tl.cast(i0, tl.int64) * m_sl  # dense only
+    dz_blk = dz_ptr + ((b64 * Hq + h64) * L + i0) * S  # dense only
+    row_idx = (row0 + offs_ml) * St + row_k  # [BLOCK_M] dropout index of (i, 0)
+    if ALIBI:
+        slope = tl.load(alibi_ptr + b64 * alibi_sb + h64)
+    else:
+        slope = 0.0
     offs_ce = tl.program_id(2) * BLOCK_CE + tl.arange(0, BLOCK_CE)
     dq = tl.zeros([BLOCK_M, BLOCK_CE], tl.float32)
-    if CAUSAL:
-        end = tl.minimum(S, i0 + BLOCK_M)
-        full = tl.minimum(S, i0 + 1) // BLOCK_N * BLOCK_N
-    else:
-        end = S
-        full = S // BLOCK_N * BLOCK_N
-    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
-                   m_ok, row_idx, 0, full, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols,
-                   scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
-                   False, MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
+    lo, f0, f1, hi = _key_range(i0, L_b, S_b, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                WINDOW)
+    # the blocks visible to every row, then those partly visible (one loop: fewer registers)
+    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk,
+                   offs_m, m_ok, row_idx, f0, f1, f1, f1, S_b, diag, slope, softcap, window_left,
+                   window_right, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols, S, scale,
+                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, False,
+                   MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
                    BLOCK_EV, BLOCK_K, PRECISION)
-    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk, offs_m,
-                   m_ok, row_idx, full, end, S, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols,
-                   scale, dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce,
-                   True, MASK_KIND, CAUSAL, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
+    dq = _dq_steps(dq, q, do, lse, di, q_blk, do_blk, k_base, v_base, mask_blk, dz_blk,
+                   offs_m, m_ok, row_idx, lo, f0, f1, hi, S_b, diag, slope, softcap, window_left,
+                   window_right, E, Ev, q_sl, do_sl, k_ss, v_ss, m_sl, m_cols, S, scale,
+                   dropout_p, out_scale, seed_lo, seed_hi, off_lo, off_hi, offs_ce, True,
+                   MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, WANT_DZ, BLOCK_M, BLOCK_N, BLOCK_E,
                    BLOCK_EV, BLOCK_K, PRECISION)
-    if WANT_DZ and CAUSAL:  # noqa: SIM102 (constexpr, then run-time) keys past the last query
+    if WANT_DZ and WINDOW:  # noqa: SIM102 (constexpr, then run-time) keys outside the window:
         if tl.program_id(2) == 0:  # dz = 0 there
             offs_nl = tl.arange(0, BLOCK_N)
             zeros = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for j0 in range(full + tl.cdiv(end - full, BLOCK_N) * BLOCK_N, S, BLOCK_N):
+            seen = hi > lo
+            vis_lo = tl.where(seen, tl.minimum(lo, S_b), S_b)
+            vis_end = tl.where(seen, tl.cdiv(hi, BLOCK_N) * BLOCK_N, S_b)
+            for j0 in range(0, vis_lo, BLOCK_N):
                 tl.store(dz_blk + tl.cast(j0, tl.int64)
                          + (offs_ml[:, None] * S + offs_nl[None, :]), zeros,
-                         mask=m_ok[:, None] & (j0 + offs_nl < S)[None, :])
+                         mask=m_ok[:, None] & (j0 + offs_nl < tl.minimum(vis_lo, S_b))[None, :])
+            for j0 in range(vis_end, S_b, BLOCK_N):
+                tl.store(dz_blk + tl.cast(j0, tl.int64)
+                         + (offs_ml[:, None] * S + offs_nl[None, :]), zeros,
+                         mask=m_ok[:, None] & (j0 + offs_nl < S_b)[None, :])
     tl.store(dq_ptr + row0 * E + (offs_ml[:, None] * E + offs_ce[None, :]),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_ce[None, :] < E))

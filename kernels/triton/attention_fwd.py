@@ -13,11 +13,17 @@ multiply than folding log2(e) into the scale, but the exponent's rounding error 
 relative to z - m, not to z): so a row's lse = m + ln(l) is exactly z for a single key, and the
 backward's p = 2^(log2e (z - lse)) is exactly 1 there.
 
-The key loop runs in two phases: key blocks that need no per-element masking (fully inside S
-and, under is_causal, fully left of the block's first query), then the rest (the partial last
-block and the diagonal blocks; under is_causal key blocks past the block's last query are never
-visited). At the end out = acc / l (* 1 / (1 - dropout_p)) and lse = m + ln(l); a row without
-any unmasked key (l == 0) gets out = 0 and lse = +inf.
+Sequences and modifiers (AttnGeometry in fastattn/attention_args.h): with VARLEN the
+program's sequence b reads its rows and lengths from cu_seqlens (_seq); tensors are indexed in
+tensor coordinates (row_q + i, row_k + j), modifiers use the local i, j and the diagonal
+offset d. Scores: s = scale * q.k, with SOFTCAP s = softcap * tanh(s / softcap) (_tanh), with
+ALIBI z = s - slope * |i + d - j|; WINDOW: key j visible iff i + d - left <= j <= i + d + right
+(-1: unbounded side; causal is right = 0). The key loop of a query block runs in three phases
+(_key_range): key blocks partly left of the window (per-element mask), blocks fully visible to
+every row of the block and inside S_b (no mask), then the rest (partial last block, blocks
+partly right of the window); blocks outside [i0 + d - left, i_last + d + right] are never
+visited. At the end out = acc / l (* 1 / (1 - dropout_p)) and lse = m + ln(l); a row without
+any visible key (l == 0) gets out = 0 and lse = +inf.
 
 Head dims E, Ev are padded to BLOCK_E, BLOCK_EV (powers of two >= 16) with masked loads.
 tl.dot runs in the storage dtype (fp16 / bf16), the query block resident in registers, or for
@@ -124,24 +130,127 @@ def _scores_mask(z, mask_blk, m_sl, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl
     return z + mv.to(tl.float32)
 
 
+
+# ---- sequences and score modifiers (AttnGeometry in fastattn/attention_args.h) ----------------
+
+@triton.jit
+def _seq(cu_q_ptr, cu_k_ptr, b, L, S, bottom_right, VARLEN: tl.constexpr):
+    """(row_q, row_k, L_b, S_b, diag) of sequence b: its first query / key rows in the tensors,
+    its lengths and the diagonal offset d_b (S_b - L_b when bottom_right, else 0)."""
+    if VARLEN:
+        row_q = tl.load(cu_q_ptr + b)
+        row_k = tl.load(cu_k_ptr + b)
+        L_b = tl.load(cu_q_ptr + b + 1) - row_q
+        S_b = tl.load(cu_k_ptr + b + 1) - row_k
+    else:
+        row_q = b * 0
+        row_k = b * 0
+        L_b = L + b * 0
+        S_b = S + b * 0
+    diag = tl.where(bottom_right != 0, S_b - L_b, 0)
+    return row_q, row_k, L_b, S_b, diag
+
+
+@triton.jit
+def _tanh(x, ACCURATE: tl.constexpr):
+    """tanh in float32 from exp2 (no libdevice: the same code runs in the interpreter).
+    ACCURATE (float32 inputs): an odd Taylor polynomial below |x| = 1/4 (where 1 - e^{-2|x|}
+    would cancel), else (1 - e) / (1 + e) with e = e^{-2|x|}, within ~2 ulp; else (16-bit
+    inputs, whose scores carry far larger errors) 1 - 2 / (e^{2x} + 1): absolute error ~1 ulp
+    of 1, one temporary tile (the large tiles of the 16-bit kernels have no registers to spare)."""
+    if ACCURATE:
+        a = tl.abs(x)
+        e = tl.math.exp2(a * -2.8853900817779268)  # e^{-2a}
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        poly = 1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+            -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))))
+        return tl.where(a < 0.25, x * poly, tl.where(x < 0, -big, big))
+    else:
+        return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _modify(z, offs_i, offs_j, diag, slope, softcap, n_ok, left, right, ALIBI: tl.constexpr,
+            SOFTCAP: tl.constexpr, VISIBLE: tl.constexpr, WINDOW: tl.constexpr,
+            TRANSPOSED: tl.constexpr, ACCURATE: tl.constexpr):
+    """Scores z = scale * q.k [R, C] (queries x keys, or keys x queries when TRANSPOSED; local
+    rows offs_i, keys offs_j) -> (capped s (softcap, else z), s + alibi with the invisible keys
+    at -inf). VISIBLE: apply the key bound n_ok [len(offs_j)] and (WINDOW) the window / causal
+    limits (a per-element mask), else every key is visible. ACCURATE: _tanh's."""
+    if TRANSPOSED:
+        i2 = offs_i[None, :]
+        j2 = offs_j[:, None]
+        nk = n_ok[:, None]
+    else:
+        i2 = offs_i[:, None]
+        j2 = offs_j[None, :]
+        nk = n_ok[None, :]
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap, ACCURATE)
+    s = z
+    pos = i2 + diag  # the query's position among the keys
+    if ALIBI:
+        z = z - slope * tl.abs(pos - j2).to(tl.float32)
+    if VISIBLE:
+        if WINDOW:
+            ok = nk & ((left < 0) | (j2 >= pos - left)) & ((right < 0) | (j2 <= pos + right))
+        else:
+            ok = nk
+        z = tl.where(ok, z, float("-inf"))
+    return s, z
+
+
+@triton.jit
+def _key_range(i0, L_b, S_b, diag, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """Key blocks of the query block [i0, i0 + BLOCK_M) of a sequence: (lo, f0, f1, hi), lo and
+    f0 multiples of BLOCK_N: keys [lo, hi) hold every key a row of the block may see, and the
+    blocks [f0, f1) are visible to every row and inside S_b (no per-element mask). Empty
+    (hi = 0) for a block past L_b."""
+    i_last = tl.minimum(i0 + BLOCK_M, L_b) - 1
+    hi = tl.where(i0 < L_b, S_b, 0)
+    full_hi = S_b // BLOCK_N * BLOCK_N
+    lo = i0 * 0
+    full_lo = i0 * 0
+    if WINDOW:
+        hi = tl.where(right >= 0, tl.minimum(hi, tl.maximum(i_last + diag + right + 1, 0)), hi)
+        full_hi = tl.where(right >= 0, tl.minimum(
+            full_hi, tl.maximum(i0 + diag + right + 1, 0) // BLOCK_N * BLOCK_N), full_hi)
+        lo = tl.where(left >= 0, tl.maximum(i0 + diag - left, 0) // BLOCK_N * BLOCK_N, 0)
+        full_lo = tl.where(left >= 0, tl.cdiv(tl.maximum(i_last + diag - left, 0), BLOCK_N)
+                           * BLOCK_N, 0)
+    f0 = tl.minimum(tl.maximum(full_lo, lo), hi)
+    f1 = tl.maximum(tl.minimum(full_hi, hi), f0)
+    return lo, f0, f1, hi
+
+
 # ---- forward ----------------------------------------------------------------------------------
 
 @triton.jit
 def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, offs_cv, row_idx,
-               lo, hi, S, E, Ev, q_sl, k_ss, v_ss, m_sl, m_cols, scale, dropout_p, seed_lo, seed_hi,
-               off_lo, off_hi, MASKED: tl.constexpr, MASK_KIND: tl.constexpr,
-               CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+               lo, hi, lo2, hi2, S_b, diag, slope, softcap, left, right, E, Ev, q_sl, k_ss, v_ss,
+               m_sl,
+               m_cols, scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi,
+               MASKED: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
+               ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr):
-    """Key blocks [lo, hi) of one query block: updates acc [BLOCK_M, BLOCK_CV] (value columns
-    offs_cv), l_i and m_i [BLOCK_M]. MASKED: mask keys >= S and, under CAUSAL, keys past each
-    query."""
+    """Key blocks [lo, hi) and [lo2, hi2) (sequence-local) of one query block (local rows
+    offs_m): updates acc
+    [BLOCK_M, BLOCK_CV] (value columns offs_cv), l_i and m_i [BLOCK_M]. MASKED: mask keys >=
+    S_b and those outside the window (causal included)."""
     offs_nl = tl.arange(0, BLOCK_N)  # [BLOCK_N] key offsets inside a block
     offs_e = tl.arange(0, BLOCK_E)
-    for j0 in range(lo, hi, BLOCK_N):
+    n1 = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)  # blocks [lo, hi), then [lo2, hi2)
+    n2 = tl.cdiv(tl.maximum(hi2 - lo2, 0), BLOCK_N)
+    for n in range(n1 + n2):
+        j0 = tl.multiple_of(tl.where(n < n1, lo + n * BLOCK_N, lo2 + (n - n1) * BLOCK_N),
+                           BLOCK_N)  # (block starts: vector loads)
         j64 = tl.cast(j0, tl.int64)  # (the interpreter gives a Python int)
         offs_n = j0 + offs_nl  # [BLOCK_N]
-        n_ok = offs_n < S
+        n_ok = offs_n < S_b
         k_blk = k_base + j64 * k_ss
         if BLOCK_K == 0:
             # [BLOCK_E, BLOCK_N]
@@ -152,14 +261,12 @@ def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, 
             z = _rows_dot(q_blk, q_sl, m_ok, k_blk, k_ss, n_ok, E, BLOCK_M, BLOCK_N, BLOCK_E,
                           BLOCK_K, PRECISION)
         z = z * scale  # [BLOCK_M, BLOCK_N] float32
+        if SOFTCAP or ALIBI or MASKED:
+            _, z = _modify(z, offs_m, offs_n, diag, slope, softcap, n_ok, left, right, ALIBI,
+                           SOFTCAP, MASKED, WINDOW, False, BLOCK_K > 0)
         if MASK_KIND != 0:
             z = _scores_mask(z, mask_blk + j64, m_sl, m_ok, offs_n < m_cols, BLOCK_M, BLOCK_N,
                              MASK_KIND, False, MASKED)
-        if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            z = tl.where(keep, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing unmasked yet: p = 0
         alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
@@ -177,63 +284,77 @@ def _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, 
 
 
 @triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, bh0, Hq, group, L, S, E, Ev,
-              q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, m_sb, m_sh, m_sl, m_cols,
-              scale, out_scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, len_key,
-              MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+def _attn_fwd(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, alibi_ptr,
+              bh0, Hq, group, L, S, Lt, St, E, Ev, q_sb, q_sh, q_sl, k_sb, k_sh, k_ss, v_sb, v_sh,
+              v_ss, m_sb, m_sh, m_sl, m_cols, scale, out_scale, dropout_p, seed_lo, seed_hi,
+              off_lo, off_hi, window_left, window_right, bottom_right, alibi_sb, softcap,
+              len_key, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+              ALIBI: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
               BLOCK_CV: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Program (query block, bh0 + y, z): out (B, Hq, L, Ev) columns [z * BLOCK_CV, (z + 1) *
-    BLOCK_CV) of its queries (BLOCK_CV: all of the padded Ev but for float32, whose value
-    columns are split over programs that each redo the scores), and lse (B, Hq, L) (z = 0).
-    out_scale = 1 / (1 - dropout_p) (1 without dropout); len_key: only the autotuner's key (a
-    bucket of the sequence lengths)."""
+    """Program (query block of sequence b, bh0 + y = b * Hq + h, z): out (Bt, Hq, Lt, Ev)
+    columns [z * BLOCK_CV, (z + 1) * BLOCK_CV) of its queries (BLOCK_CV: all of the padded Ev
+    but for float32, whose value columns are split over programs that each redo the scores),
+    and lse (Bt, Hq, Lt) (z = 0). L, S: the lengths (the largest ones with VARLEN, whose
+    sequences come from cu_q / cu_k); Lt, St: the tensors' lengths. WINDOW: window_left /
+    window_right (-1: unbounded; causal is right = 0) limit the keys. out_scale = 1 / (1 -
+    dropout_p) (1 without dropout); len_key: only the autotuner's key."""
     i0 = tl.program_id(0) * BLOCK_M
     bh = bh0 + tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
+    row_q, row_k, L_b, S_b, diag = _seq(cu_q_ptr, cu_k_ptr, b, L, S, bottom_right, VARLEN)
+    if VARLEN:
+        tb = b * 0  # the tensors hold one batch entry
+    else:
+        tb = b
     offs_ml = tl.arange(0, BLOCK_M)
-    offs_m = i0 + offs_ml  # [BLOCK_M]
-    m_ok = offs_m < L
+    offs_m = i0 + offs_ml  # [BLOCK_M] sequence-local rows
+    m_ok = offs_m < L_b
     offs_e = tl.arange(0, BLOCK_E)
     offs_cv = tl.program_id(2) * BLOCK_CV + tl.arange(0, BLOCK_CV)
-    b64, h64, hk64, i64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), tl.cast(i0, tl.int64)
-    q_blk = q_ptr + b64 * q_sb + h64 * q_sh + i64 * q_sl
-    k_base = k_ptr + b64 * k_sb + hk64 * k_sh
-    v_base = v_ptr + b64 * v_sb + hk64 * v_sh
-    mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + i64 * m_sl
+    b64, h64, hk64, tb64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), tb.to(tl.int64)
+    r64 = row_q.to(tl.int64) + i0  # first tensor row of the block
+    q_blk = q_ptr + tb64 * q_sb + h64 * q_sh + r64 * q_sl
+    k_base = k_ptr + tb64 * k_sb + hk64 * k_sh + row_k.to(tl.int64) * k_ss
+    v_base = v_ptr + tb64 * v_sb + hk64 * v_sh + row_k.to(tl.int64) * v_ss
+    mask_blk = mask_ptr + b64 * m_sb + h64 * m_sh + tl.cast(i0, tl.int64) * m_sl  # dense only
     if BLOCK_K == 0:  # the query block stays in registers
         q = tl.load(q_blk + (offs_ml[:, None] * q_sl + offs_e[None, :]),
                     mask=m_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_E]
     else:
         q = 0  # read in chunks by _rows_dot
-    row_idx = (bh.to(tl.int64) * L + offs_m) * S  # [BLOCK_M] dropout index of (i, 0)
+    row0 = (tb64 * Hq + h64) * Lt + r64  # the block's first row in out and lse
+    row_idx = (row0 + offs_ml) * St + row_k  # [BLOCK_M] dropout index of (i, 0)
+    if ALIBI:
+        slope = tl.load(alibi_ptr + b64 * alibi_sb + h64)
+    else:
+        slope = 0.0
 
     acc = tl.zeros([BLOCK_M, BLOCK_CV], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if CAUSAL:
-        end = tl.minimum(S, i0 + BLOCK_M)  # keys past the last query are never visited
-        full = tl.minimum(S, i0 + 1) // BLOCK_N * BLOCK_N  # blocks left of the first query
-    else:
-        end = S
-        full = S // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok,
-                               offs_cv, row_idx, 0, full, S, E, Ev, q_sl, k_ss, v_ss, m_sl, m_cols,
-                               scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, False, MASK_KIND,
-                               CAUSAL, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K, PRECISION)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok,
-                               offs_cv, row_idx, full, end, S, E, Ev, q_sl, k_ss, v_ss, m_sl,
-                               m_cols, scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, True,
-                               MASK_KIND, CAUSAL, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
-                               PRECISION)
+    lo, f0, f1, hi = _key_range(i0, L_b, S_b, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                WINDOW)
+    # the blocks visible to every row, then those partly visible (one loop: fewer registers)
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, offs_cv, row_idx,
+        f0, f1, f1, f1, S_b, diag, slope, softcap, window_left, window_right, E, Ev, q_sl, k_ss,
+        v_ss, m_sl, m_cols, scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, False,
+        MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
+        PRECISION)
+    acc, l_i, m_i = _fwd_steps(
+        acc, l_i, m_i, q, q_blk, k_base, v_base, mask_blk, offs_m, m_ok, offs_cv, row_idx,
+        lo, f0, f1, hi, S_b, diag, slope, softcap, window_left, window_right, E, Ev, q_sl, k_ss,
+        v_ss, m_sl, m_cols, scale, dropout_p, seed_lo, seed_hi, off_lo, off_hi, True,
+        MASK_KIND, WINDOW, ALIBI, SOFTCAP, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K,
+        PRECISION)
 
-    has = l_i > 0.0  # a row without any unmasked key: out 0, lse +inf
+    has = l_i > 0.0  # a row without any visible key: out 0, lse +inf
     inv = tl.where(has, out_scale / tl.where(has, l_i, 1.0), 0.0)
     out = acc * inv[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
-    row0 = bh.to(tl.int64) * L + i0  # first row of the block in the contiguous outputs
     tl.store(out_ptr + row0 * Ev + (offs_ml[:, None] * Ev + offs_cv[None, :]),
              out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_cv[None, :] < Ev))
     tl.store(lse_ptr + row0 + offs_ml, lse, mask=m_ok & (tl.program_id(2) == 0))
