@@ -125,3 +125,21 @@ def test_quant_benchmark_rows(tmp_path):
         assert fused.max_err < 1e-5 and fused.note.startswith("SQNR")
     paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_decode_benchmark_rows(tmp_path):
+    """One small decode case (tiny time budget): every row timed, GB/s counted, the fused rows
+    within the test tolerance of the float64 reference (as torch SDPA's error bounds them)."""
+    from fastattn.benchmarks import bench_decode
+
+    case = bench_decode.Case(2, 300, torch.float32)
+    rows = bench_decode.run_case(case, torch.device("cpu"), backends=["cpu"], warmup=1, rep=2)
+    by_impl = {r.impl: r for r in rows}
+    assert set(by_impl) == {"torch SDPA", "fastattn:cpu", "fastattn:cpu paged"}
+    base = by_impl["torch SDPA"]
+    for name in ("fastattn:cpu", "fastattn:cpu paged"):
+        r = by_impl[name]
+        assert r.median_ms > 0 and r.gbs > 0 and set(r.ratios) == {"torch SDPA"}
+        assert r.max_err <= RATIO * base.max_err + FLOOR[torch.float32], (r, base)
+    paths = report.write_results(rows, report.collect_meta("cpu"), tmp_path, "smoke")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
