@@ -99,7 +99,8 @@ def _extension():
 
 
 setup(
-    packages=["fastattn", "fastattn.ops", "fastattn.nn", "fastattn._triton", "fastattn.benchmarks"],
+    packages=["fastattn", "fastattn.ops", "fastattn.nn", "fastattn.models", "fastattn._triton",
+              "fastattn.benchmarks"],
     package_dir={"fastattn._triton": "kernels/triton", "fastattn.benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

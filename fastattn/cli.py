@@ -1,7 +1,11 @@
-"""The `fastattn` command line: `fastattn bench ...` and `fastattn info`.
+"""The `fastattn` command line: `fastattn bench | train | generate | info`.
 
     fastattn bench [--ops softmax norm attention ...] [--device cpu|cuda|auto] [--quick]
                    [--threads N] [--out DIR] [--stem NAME] [--no-save]
+    fastattn train [--task lm|mlm|classify|seq2seq] [--data FILE ...] [--preset small]
+                   [--steps N] [--out DIR] [--resume] ...        (fastattn/models/cli.py)
+    fastattn generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+                   [--top-k K] [--top-p P] [--quantize int8|int4]
     fastattn info
     python -m fastattn.cli bench --device cpu --quick --no-save
 
@@ -149,13 +153,18 @@ def cmd_info(args: argparse.Namespace) -> int:
                 names = fastattn.available_backends(op, dev, dtype)
                 print(f"{op} backends on {dev} {str(dtype).removeprefix('torch.')}: "
                       f"{', '.join(names)}")
+    from .models.cli import kernel_table
+    for dev in devices:
+        print(f"kernel each op runs by default on {dev} float32:")
+        for _, line in kernel_table(dev):
+            print(f"  {line}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the `fastattn` command."""
     parser = argparse.ArgumentParser(prog="fastattn", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="{bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,train,generate,info}")
 
     bench = sub.add_parser("bench", help="benchmark ops against PyTorch baselines")
     bench.add_argument("--ops", nargs="+", metavar="OP",
@@ -171,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="result file name stem (default: <device-slug>-<YYYY-MM-DD>)")
     bench.add_argument("--no-save", action="store_true", help="print only; write no files")
     bench.set_defaults(func=cmd_bench)
+
+    from .models.cli import add_parsers  # train, generate (light: imports nothing heavy)
+    add_parsers(sub)
 
     info = sub.add_parser("info", help="versions, CPU/GPU capabilities, available backends")
     info.set_defaults(func=cmd_info)
