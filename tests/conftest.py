@@ -55,3 +55,14 @@ def pytest_report_header(config):
 def _fresh_seed(request):
     """Each test's seed: the run's seed mixed with a stable hash of the test id."""
     torch.manual_seed((RUN_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (pytestmark usefixtures): tiny
+    shapes gain nothing from more, and on a shared 2-core machine a second thread makes every
+    op wait for a descheduled peer (4x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,14 +16,7 @@ from fastattn.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny shapes gain nothing from more, and on a shared 2-core
-    machine a second thread makes every op wait for a descheduled peer (4x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = {  # each architecture crossed with positions / norms / MLPs / GQA

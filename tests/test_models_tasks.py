@@ -11,12 +11,7 @@ from fastattn.models.data import TOKENIZER, ClassifyTask, Seq2SeqTask, digit_tas
 from fastattn.models.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_classify_contains_digit():

@@ -14,14 +14,7 @@ from fastattn.models.data import LMTask, MLMTask, default_corpus, split_tokens
 from fastattn.models.train import TrainConfig, lr_at, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tiny shapes gain nothing from more, and on a shared 2-core
-    machine a second thread makes every op wait for a descheduled peer (4x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TC = {"batch_size": 4, "seq_len": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup": 10, "log_every": 10,
