@@ -17,7 +17,7 @@ KERNEL_SOURCES := setup.py $(shell find kernels -name '*.cpp' -o -name '*.cu' -o
 $(VENV)/.deps: constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch setuptools wheel ninja pytest pytest-benchmark numpy \
-		safetensors transformers
+		safetensors tqdm transformers
 	touch $@
 
 # Full build into the venv (editable). The log keeps the compiler output, including ptxas's
