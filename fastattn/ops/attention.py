@@ -96,19 +96,21 @@ def _window(window, causal: bool) -> tuple[int, int]:
     return int(left), (0 if causal else int(right))
 
 
-def _check_alibi(slopes, q, batch: int) -> torch.Tensor | None:
+def _check_alibi(slopes, q, batch: int, op: str = "attention") -> torch.Tensor | None:
+    """alibi_slopes as float32 (Hq,) or (B, Hq) on q's device; q (..., Hq, E)."""
     if slopes is None:
         return None
+    prefix = f"fastattn.{op}: "
     hq = q.shape[-2]
     if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point() or \
             tuple(slopes.shape) not in ((hq,), (batch, hq)):
-        raise ValueError(_err(f"alibi_slopes must be a float tensor of shape (Hq,) = ({hq},) or "
-                              f"(B, Hq) = ({batch}, {hq}), got "
-                              f"{tuple(getattr(slopes, 'shape', ()))}"))
+        raise ValueError(prefix + f"alibi_slopes must be a float tensor of shape (Hq,) = ({hq},) "
+                         f"or (B, Hq) = ({batch}, {hq}), got "
+                         f"{tuple(getattr(slopes, 'shape', ()))}")
     if slopes.device != q.device:
-        raise ValueError(_err(f"alibi_slopes is on {slopes.device} but q is on {q.device}"))
+        raise ValueError(prefix + f"alibi_slopes is on {slopes.device} but q is on {q.device}")
     if slopes.requires_grad:
-        raise ValueError(_err("alibi_slopes get no gradient here; pass them detached"))
+        raise ValueError(prefix + "alibi_slopes get no gradient here; pass them detached")
     return slopes.to(torch.float32).contiguous()
 
 

@@ -221,7 +221,7 @@ def _plan(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None, block_t
     cap = _number("softcap", softcap, 0.0, low=0.0)
     E = q.shape[-1]
     sc = _number("scale", scale, 1.0 / math.sqrt(E) if E else 1.0, low=-math.inf)
-    slopes = _check_alibi(alibi_slopes, q, q.shape[0])
+    slopes = _check_alibi(alibi_slopes, q, q.shape[0], "decode_attention")
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(_err(f"num_splits must be an int >= 0 (0: automatic), got "
                               f"{num_splits!r}"))
