@@ -10,5 +10,6 @@ from .sdpa import sdpa
 from .softmax import softmax
 from .w8a8_linear import quantize_per_token_int8, w8a8_linear
 
-__all__ = ["add_layer_norm", "add_rms_norm", "attention", "decode_attention", "int4_linear", "int8_linear", "layer_norm",
+__all__ = ["add_layer_norm", "add_rms_norm", "attention", "decode_attention", "int4_linear",
+           "int8_linear", "layer_norm",
            "quantize_per_token_int8", "rms_norm", "sdpa", "softmax", "w8a8_linear"]

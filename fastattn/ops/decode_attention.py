@@ -49,7 +49,7 @@ def _setup(ctx, inputs, output):
 
 for _key in ("CPU", "CUDA"):
     _library.has_kernel("decode_attention", _key)
-if _library.has_kernel("decode_attention", "CPU") or _library.has_kernel("decode_attention", "CUDA"):
+if any(_library.has_kernel("decode_attention", key) for key in ("CPU", "CUDA")):
     torch.library.register_fake("fastattn::decode_attention")(_fake_decode)
     torch.library.register_autograd("fastattn::decode_attention", _no_backward,
                                     setup_context=_setup)
