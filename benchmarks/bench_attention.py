@@ -72,8 +72,8 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 
-from .common import (attention_flops, max_error, peak_memory_bytes, resolve_device, tflops,
-                     time_interleaved)
+from .common import (attention_flops, max_error, peak_memory_bytes, resolve_device, run_cases,
+                     tflops, time_interleaved)
 from .report import Row
 
 MODES = ("fwd", "fwd+bwd")
@@ -491,11 +491,8 @@ def run(device: str | torch.device = "cpu", quick: bool = False,
     """Benchmark every case of `cases(device, quick)` in both modes; returns the rows, fwd
     rows first, then fwd+bwd (per case: fastattn backends first, then the baselines).
     backends: fastattn backends to time (default: see fused_backends)."""
-    device = resolve_device(device)
-    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
-    rows: list[Row] = []
-    for case in cases(device, quick):
-        rows += run_case(case, device, backends, baselines, MODES, warmup, rep)
+    rows = run_cases(device, quick, cases, lambda case, dev, _peak, warmup, rep: run_case(
+        case, dev, backends, baselines, MODES, warmup, rep), with_peak=False)
     order = {f"attention {m}": i for i, m in enumerate(MODES)}
     return sorted(rows, key=lambda r: order[r.op])
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 
-from .common import gbs, max_error, peak_bandwidth_gbs, resolve_device, time_interleaved
+from .common import gbs, max_error, run_cases, time_interleaved
 from .report import Row
 
 HQ, HKV, E = 32, 8, 128
@@ -162,15 +162,8 @@ def run_case(case: Case, device: torch.device, backends: list[str] | None = None
 def run(device: str | torch.device = "cpu", quick: bool = False,
         backends: list[str] | None = None) -> list[Row]:
     """Benchmark every case of `cases(device, quick)`."""
-    device = resolve_device(device)
-    peak = peak_bandwidth_gbs(device)
-    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
-    rows: list[Row] = []
-    for case in cases(device, quick):
-        rows += run_case(case, device, backends, peak, warmup, rep)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    return run_cases(device, quick, cases, lambda case, dev, peak, warmup, rep: run_case(
+        case, dev, backends, peak, warmup, rep))
 
 
 # ---- pytest-benchmark: `pytest benchmarks/bench_decode.py --benchmark-only` --------------------

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 
-from .common import (gbs, max_error, norm_bytes, norm_fwd_bwd_bytes, peak_bandwidth_gbs,
-                     resolve_device, time_interleaved)
+from .common import (gbs, max_error, norm_bytes, norm_fwd_bwd_bytes, resolve_device, run_cases,
+                     time_interleaved)
 from .report import Row
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
@@ -378,14 +378,8 @@ def run(device: str | torch.device = "cpu", quick: bool = False,
     (per case: fwd rows, then fwd+bwd rows; fastattn backends first, then the baselines).
     backends: fastattn backends to time (default: all available, see fused_backends). The
     copy-bandwidth ceiling is measured first."""
-    device = resolve_device(device)
-    peak = peak_bandwidth_gbs(device)
-    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
-    rows: list[Row] = []
-    for case in cases(device, quick):
-        rows += run_case(case, device, backends, baselines, MODES, peak, warmup, rep)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_cases(device, quick, cases, lambda case, dev, peak, warmup, rep: run_case(
+        case, dev, backends, baselines, MODES, peak, warmup, rep))
     # one table per op and mode, in OPS x MODES order (cases interleave ops)
     order = {f"{op} {mode}": i for i, (op, mode) in
              enumerate((op, mode) for op in OPS for mode in MODES)}

@@ -45,7 +45,7 @@ import fastattn
 from fastattn import reference
 from fastattn.quant_formats import quantize_int4_weight, quantize_int8_weight, sqnr_db
 
-from .common import gbs, max_error, nbytes, peak_bandwidth_gbs, resolve_device, time_interleaved
+from .common import gbs, max_error, nbytes, run_cases, time_interleaved
 from .report import Row
 
 FORMATS = ("int8", "int4", "w8a8")
@@ -233,14 +233,8 @@ def run_case(case: Case, device: torch.device, backends: list[str] | None = None
 def run(device: str | torch.device = "cpu", quick: bool = False,
         backends: list[str] | None = None, formats=FORMATS) -> list[Row]:
     """Benchmark every case of `cases(device, quick)`; rows grouped per format table."""
-    device = resolve_device(device)
-    peak = peak_bandwidth_gbs(device)
-    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
-    rows: list[Row] = []
-    for case in cases(device, quick):
-        rows += run_case(case, device, backends, formats, peak, warmup, rep)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_cases(device, quick, cases, lambda case, dev, peak, warmup, rep: run_case(
+        case, dev, backends, formats, peak, warmup, rep))
     order = {t: i for i, t in enumerate([TABLE[f] for f in formats] + ["third-party"])}
     return sorted(rows, key=lambda r: order[r.op])
 

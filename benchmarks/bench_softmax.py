@@ -24,7 +24,7 @@ import torch
 import fastattn
 from fastattn import reference
 
-from .common import (gbs, max_error, peak_bandwidth_gbs, resolve_device, softmax_bytes,
+from .common import (gbs, max_error, resolve_device, run_cases, softmax_bytes,
                      time_interleaved)
 from .report import Row
 
@@ -207,15 +207,8 @@ def run(device: str | torch.device = "cpu", quick: bool = False,
     """Benchmark every case of `cases(device, quick)`; returns the rows (fastattn backends
     first, then the baselines, per case). backends: fastattn backends to time (default: all
     available here, see fused_backends). The copy-bandwidth ceiling is measured first."""
-    device = resolve_device(device)
-    peak = peak_bandwidth_gbs(device)
-    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
-    rows: list[Row] = []
-    for case in cases(device, quick):
-        rows += run_case(case, device, backends, baselines, peak, warmup, rep)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    return run_cases(device, quick, cases, lambda case, dev, peak, warmup, rep: run_case(
+        case, dev, backends, baselines, peak, warmup, rep))
 
 
 # ---- pytest-benchmark: `pytest benchmarks/bench_softmax.py --benchmark-only` ------------------

@@ -319,6 +319,24 @@ def max_error(out: torch.Tensor, ref64: torch.Tensor) -> float:
     return (out.to(torch.float64) - ref64).abs().max().item()
 
 
+def run_cases(device: str | torch.device, quick: bool, cases: Callable[..., list],
+              run_case: Callable[..., list], *, with_peak: bool = True) -> list:
+    """The driver each bench_<op>.run shares: resolves `device`, measures the copy ceiling
+    first (with_peak), then calls run_case(case, device, peak_gbs or None, warmup_ms, rep_ms)
+    for every case of cases(device, quick) -- short CPU budgets (25 / 100 ms) when quick,
+    the timing defaults otherwise -- freeing the CUDA cache between cases. Returns the rows of
+    all cases in order."""
+    device = resolve_device(device)
+    peak = peak_bandwidth_gbs(device) if with_peak else None
+    warmup, rep = (25, 100) if quick and device.type == "cpu" else (None, None)
+    rows: list = []
+    for case in cases(device, quick):
+        rows += run_case(case, device, peak, warmup, rep)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ---- memory -------------------------------------------------------------------------------------
 
 
