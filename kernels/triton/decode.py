@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -30,8 +29,10 @@ from torch.library import triton_op, wrap_triton
 import triton
 
 try:  # a package import; the resource report loads this file by path
+    from .attention_checks import _dense_last, _new_output
     from .decode_kernels import _decode_reduce, _decode_split
 except ImportError:
+    from fastattn._triton.attention_checks import _dense_last, _new_output
     from fastattn._triton.decode_kernels import _decode_reduce, _decode_split
 
 MAX_HEAD_DIM = 256
@@ -100,17 +101,6 @@ def _target_programs(device: torch.device) -> int:
         return INTERPRET_PROGRAMS
     return 2 * _sm_count(device.index if device.index is not None else
                          torch.cuda.current_device())
-
-
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("FASTATTN_POISON_OUTPUTS", "0") not in ("", "0"):
-        out.fill_(float("nan"))  # tests: an element the kernel forgets to write fails
-    return out
-
-
-def _dense_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _check(op, q, k_cache, v_cache, seqlens, block_table, alibi, scale, window_left,
