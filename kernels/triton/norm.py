@@ -1,8 +1,8 @@
 """Triton LayerNorm / RMSNorm (the kernels are in norm_kernels.py): the operators
-fastattn::layer_norm_triton, rms_norm_triton, layer_norm_backward_triton and rms_norm_backward_triton (same contracts as
-the C++ operators fastattn::layer_norm, rms_norm, layer_norm_backward, rms_norm_backward;
-schemas and semantics in kernels/registration.cpp, checks in
-kernels/include/fastattn/norm_host.h).
+fastattn::layer_norm_triton, rms_norm_triton, layer_norm_backward_triton and
+rms_norm_backward_triton (same contracts as the C++ operators fastattn::layer_norm, rms_norm,
+layer_norm_backward, rms_norm_backward; schemas and semantics in kernels/registration.cpp,
+checks in kernels/include/fastattn/norm_host.h).
 
 Normalization is over the last dim N; rows = numel // N. All math is float32 whatever the
 storage type. With a residual, s = x + residual is rounded to x's dtype, stored as
