@@ -86,7 +86,9 @@ class _CacheBase:
             softcap=softcap, num_splits=num_splits, backend=backend)
         if k_new is not None:
             self._write(k_new, v_new)
-            self._set_lengths([n + k_new.shape[1] for n in self.lengths])
+            n_new = k_new.shape[1]
+            self.lengths = [n + n_new for n in self.lengths]
+            self.seqlens = self.seqlens + n_new  # on the device: no host-to-device copy per step
         out, _ = _run_decode(choice, q, self.k, self.v, self.seqlens, self.block_table, slopes,
                              sc, window, cap, max(self.lengths, default=0), num_splits, causal)
         return out
