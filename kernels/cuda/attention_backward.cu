@@ -24,7 +24,7 @@
 // MODS instantiations only (the plain ones keep their register budget).
 // grad_out and out are contiguous (B, Hq, L, E); grad_q / grad_k / grad_v are fresh contiguous
 // outputs; all tile rows are padded to E + 8 elements in shared memory.
-#include "attention_common.cuh"
+#include "attention_scores.cuh"
 
 namespace fastattn::cuda::attn {
 namespace {

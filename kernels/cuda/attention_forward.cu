@@ -20,7 +20,7 @@
 // Shared memory: Q (BM x E), K and V (BN x E each), rows padded to E + 8 elements. Copies are
 // cp.async and overlap compute: V_j is fetched during S = Q K_j^T, K_{j+1} during O += P V_j.
 // The output goes through shared memory (Q's tile) for 16-byte coalesced stores.
-#include "attention_common.cuh"
+#include "attention_scores.cuh"
 
 namespace fastattn::cuda::attn {
 namespace {
